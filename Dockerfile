@@ -1,0 +1,85 @@
+# trainserve container image: one image for the API (`trainserve api`) and the worker (`trainserve worker`).
+#
+#   docker build -t trainserve .                                                   # PyPI torch (CUDA build, ~GBs)
+#   docker build -t trainserve --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .   # CPU-only, smaller
+#
+# Build argument TORCH_INDEX_URL: the package index torch and torchvision are installed from.
+#   empty (default): PyPI's standard Linux wheels, which bundle the CUDA runtime (nvidia-* packages) and
+#                    also run on CPU-only machines; needed for a GPU worker.
+#   https://download.pytorch.org/whl/cpu: PyTorch's CPU-only wheels; a much smaller image that never uses a GPU.
+# Everything else always comes from PyPI.
+#
+# The image's default command serves the API but does not migrate the database; run `trainserve migrate`
+# first (docker-compose.yml runs `sh -c "trainserve migrate && exec trainserve api"`), or run `trainserve up`
+# in a single container (migrate + API + workers).
+
+# ---------------------------------------------------------------------------------------------------------
+FROM python:3.11-slim AS builder
+
+# Bytecode is compiled here (pip does it on install), since the runtime stage's venv is read-only.
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    VIRTUAL_ENV=/opt/venv
+
+WORKDIR /src
+
+# Dependencies in a layer of their own: it depends only on pyproject.toml (and the build argument), so editing
+# the source does not reinstall torch. The dependency list is read from [project].dependencies; torch and
+# torchvision are also written to a file of their own, for TORCH_INDEX_URL.
+COPY pyproject.toml ./
+ARG TORCH_INDEX_URL=""
+RUN python -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; name = lambda d: re.split(r'[^A-Za-z0-9_.-]', d.strip(), maxsplit=1)[0].lower(); open('requirements.txt', 'w').write(''.join(d + '\n' for d in deps)); open('requirements-torch.txt', 'w').write(''.join(d + '\n' for d in deps if name(d) in ('torch', 'torchvision')))" \
+ && pip install --upgrade pip \
+ && if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL" -r requirements-torch.txt; fi \
+ && pip install -r requirements.txt
+
+# The project itself, without dependencies (they are all installed above). A regular (non-editable) install:
+# the packages, migrations and alembic.ini end up in /opt/venv, so the runtime stage needs nothing from /src.
+COPY . .
+RUN pip install --no-deps . \
+ && trainserve --help >/dev/null
+
+# ---------------------------------------------------------------------------------------------------------
+FROM python:3.11-slim AS runtime
+
+LABEL org.opencontainers.image.title="trainserve" \
+      org.opencontainers.image.description="REST service that trains image classifiers in a worker process and serves their predictions"
+
+# Non-root user; /data (the SQLite database, and anything else the service writes) is the only writable place.
+RUN groupadd --system --gid 10001 trainserve \
+ && useradd --system --uid 10001 --gid trainserve --home-dir /data --no-create-home \
+            --shell /usr/sbin/nologin trainserve \
+ && mkdir -p /data \
+ && chown trainserve:trainserve /data \
+ && chmod 0750 /data
+
+# The virtual environment (dependencies + trainserve), owned by root: read-only for the service's user.
+COPY --from=builder /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    VIRTUAL_ENV=/opt/venv \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    TRAINSERVE_DATABASE_URL=sqlite:////data/trainserve.db \
+    TRAINSERVE_HOST=0.0.0.0 \
+    TRAINSERVE_PORT=8000
+
+# Declared after the chown above, so a new named volume starts out owned by `trainserve`.
+VOLUME ["/data"]
+WORKDIR /data
+USER trainserve:trainserve
+
+EXPOSE 8000
+
+# slim images have no curl: ask python. Only meaningful for the API; the worker service disables it in compose
+# (or run the worker with `docker run --no-healthcheck ...`).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('TRAINSERVE_PORT', '8000'), timeout=4); sys.exit(0 if r.status == 200 else 1)"]
+
+STOPSIGNAL SIGTERM
+
+# Exec form: trainserve is the container's main process and receives SIGTERM itself.
+CMD ["trainserve", "api"]

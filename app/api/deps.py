@@ -1,0 +1,55 @@
+"""Dependencies shared by the routes: settings, a transactional session, API-key auth."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.db.session import session_scope
+
+
+def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    """One transaction per request: committed when the route returns, rolled back when it raises."""
+    with session_scope(settings) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def require_api_key(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """With TRAINSERVE_API_KEYS set, every protected route needs `Authorization: Bearer <key>`."""
+    if not settings.api_keys:
+        return
+    presented = credentials.credentials.encode() if credentials else b""
+    # Compare against every key, always, so timing says nothing about which key nearly matched.
+    matched = False
+    for key in settings.api_keys:
+        matched |= hmac.compare_digest(presented, key.encode())
+    if not credentials or not matched:
+        raise HTTPException(
+            status_code=status.HTTP_401_UNAUTHORIZED,
+            detail="missing or invalid API key"
+            if credentials
+            else "missing API key (Authorization: Bearer <key>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

@@ -1,0 +1,146 @@
+"""`trainserve` command line: `up` (everything), `api`, `worker`, `migrate`.
+
+`up` runs the API and the workers as child processes (the API never imports the worker code), passes
+Ctrl-C/SIGTERM on to them and waits until they have all exited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+from app.core.config import get_settings
+from app.core.logging import configure_logging
+
+log = logging.getLogger("trainserve")
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from migrations import upgrade_to_head
+
+    settings = get_settings()
+    upgrade_to_head(settings.database_url)
+    log.info("database is at the latest schema (%s)", settings.database_url.split("@")[-1])
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = get_settings()
+    uvicorn.run(
+        create_app(settings),
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.loop import main as worker_main
+
+    return worker_main(["--once"] if args.once else [])
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, *argv])
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    if cmd_migrate(args) != 0:
+        return 1
+    workers = settings.workers if args.workers is None else args.workers
+    api_argv = ["-m", "app.cli", "api"]
+    if args.host:
+        api_argv += ["--host", args.host]
+    if args.port:
+        api_argv += ["--port", str(args.port)]
+    api = _spawn(api_argv)
+    worker_procs = [_spawn(["-m", "workers"]) for _ in range(workers)]
+    log.info(
+        "trainserve up: API on http://%s:%s (pid %d), %d worker(s) %s",
+        args.host or settings.host,
+        args.port or settings.port,
+        api.pid,
+        workers,
+        [p.pid for p in worker_procs],
+    )
+
+    stopping = False
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        log.info("trainserve up: signal %d, stopping the API and the workers", signum)
+        for proc in [api, *worker_procs]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+    exit_code = 0
+    while True:
+        if api.poll() is not None and not stopping:
+            log.error("trainserve up: the API exited with %s; stopping", api.returncode)
+            exit_code = 1
+            stop(signal.SIGTERM, None)
+        for index, proc in enumerate(worker_procs):
+            if proc.poll() is not None and not stopping:
+                log.warning(
+                    "trainserve up: worker %d exited with %s; restarting it", proc.pid, proc.returncode
+                )
+                worker_procs[index] = _spawn(["-m", "workers"])
+        if stopping and all(p.poll() is not None for p in [api, *worker_procs]):
+            break
+        time.sleep(0.2)
+    log.info("trainserve up: stopped")
+    return exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainserve", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="migrate, then run the API and the workers until Ctrl-C")
+    up.add_argument("--host", default=None)
+    up.add_argument("--port", type=int, default=None)
+    up.add_argument("--workers", type=int, default=None, help="default: TRAINSERVE_WORKERS")
+    up.set_defaults(func=cmd_up)
+
+    api = sub.add_parser("api", help="run the HTTP API")
+    api.add_argument("--host", default=None)
+    api.add_argument("--port", type=int, default=None)
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="run one training worker")
+    worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    worker.set_defaults(func=cmd_worker)
+
+    migrate = sub.add_parser("migrate", help="bring the database schema up to date")
+    migrate.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(get_settings().log_level)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Settings: one pydantic-settings class, read from `TRAINSERVE_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every limit and address the service uses; the defaults suit one machine."""
+
+    model_config = SettingsConfigDict(env_prefix="TRAINSERVE_", extra="ignore")
+
+    database_url: str = "sqlite:///./var/trainserve.db"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=0, le=64, description="worker processes that `trainserve up` starts")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    log_level: str = "INFO"
+
+    # Uploads.
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="largest single image file")
+    max_files_per_request: int = Field(default=1000, ge=1)
+    max_archive_bytes: int = Field(default=1024 * 1024 * 1024, ge=1, description="largest zip upload")
+    max_archive_entries: int = Field(default=200_000, ge=1)
+    max_archive_uncompressed_bytes: int = Field(default=4 * 1024 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=89_478_485, ge=1, description="Pillow's decompression-bomb limit")
+    max_label_length: int = Field(default=100, ge=1)
+
+    # Jobs and workers.
+    worker_poll_seconds: float = Field(default=1.0, gt=0)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    lease_timeout_seconds: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    progress_interval_seconds: float = Field(default=1.0, gt=0)
+    sqlite_busy_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    # Prediction.
+    predict_cache_size: int = Field(default=8, ge=1, description="models kept loaded for /predict")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings; tests clear the cache after changing the environment."""
+    return Settings()

@@ -1,0 +1,40 @@
+"""Dataset requests and responses."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DatasetCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, description="A name for people; ids are server-made.")
+
+
+class ClassCount(BaseModel):
+    name: str
+    count: int
+
+
+class DatasetRead(BaseModel):
+    id: int
+    name: str
+    num_images: int
+    classes: list[ClassCount]
+    splits: dict[str, int] = Field(
+        description="Images per fixed split (`train`, `val`, `test`) and `unassigned` (split by the worker)."
+    )
+    created_at: datetime
+
+
+class RejectedFile(BaseModel):
+    filename: str
+    reason: str
+
+
+class UploadSummary(BaseModel):
+    added: int
+    duplicates: int
+    rejected: list[RejectedFile]

@@ -1,0 +1,36 @@
+"""Weights as safetensors bytes with JSON metadata: no pickle, so loading one can never run code."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+METADATA_KEY = "trainserve"
+
+
+def state_dict_to_bytes(state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
+    return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def read_metadata(data: bytes) -> dict[str, Any]:
+    """The JSON metadata from a safetensors header, read without touching the tensors."""
+    if len(data) < 8:
+        raise ValueError("not a safetensors file: too short")
+    (header_length,) = struct.unpack("<Q", data[:8])
+    if header_length > len(data) - 8:
+        raise ValueError("not a safetensors file: header length past the end")
+    header = json.loads(data[8 : 8 + header_length])
+    raw = header.get("__metadata__", {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError("safetensors file carries no trainserve metadata")
+    return dict(json.loads(raw))
+
+
+def bytes_to_state_dict(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    return load_safetensors(data), read_metadata(data)

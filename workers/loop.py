@@ -1,0 +1,109 @@
+"""The worker process: claim a job, train it, record the outcome, take the next; stop cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import traceback
+from types import FrameType
+
+from app.core.config import Settings, get_settings
+from app.db.session import session_scope
+from app.db.tables import JobStatus
+from app.services import queue
+from workers.training import JobError, JobReporter, run_training
+
+log = logging.getLogger(__name__)
+
+
+def make_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_one(lease: queue.Lease, settings: Settings, shutdown: threading.Event) -> JobStatus | None:
+    """Run a claimed job to its end and record the outcome; a failure never escapes to the loop."""
+    reporter = JobReporter(lease, settings, shutdown)
+    try:
+        status, reason = run_training(lease, settings, reporter)
+    except queue.LeaseLost as exc:
+        log.warning("job %s: %s; abandoning it", lease.job_id, exc)
+        return None
+    except JobError as exc:
+        status, reason, error = JobStatus.failed, "failed", str(exc)
+    except Exception as exc:
+        log.error("job %s failed:\n%s", lease.job_id, traceback.format_exc())
+        status, reason, error = JobStatus.failed, "failed", f"{type(exc).__name__}: {exc}"
+    else:
+        error = None
+
+    try:
+        with session_scope(settings) as session:
+            if status == JobStatus.queued:
+                queue.release_job(session, lease, reason=reason)
+            else:
+                queue.finish_job(session, lease, status=status, stop_reason=reason, error=error)
+    except queue.LeaseLost as exc:
+        log.warning("job %s: %s; its outcome (%s) was not recorded", lease.job_id, exc, status.value)
+        return None
+    log.info("job %s: %s (%s)%s", lease.job_id, status.value, reason, f": {error}" if error else "")
+    return status
+
+
+def claim(settings: Settings, worker_id: str) -> queue.Lease | None:
+    with session_scope(settings) as session:
+        queue.requeue_stale_jobs(
+            session, lease_timeout_seconds=settings.lease_timeout_seconds, max_attempts=settings.max_attempts
+        )
+    with session_scope(settings) as session:
+        return queue.claim_next_job(session, worker_id=worker_id)
+
+
+def serve(settings: Settings, *, once: bool = False, shutdown: threading.Event | None = None) -> int:
+    """Process jobs until shut down (or, with `once`, until one job is done or none is queued)."""
+    shutdown = shutdown or threading.Event()
+    worker_id = make_worker_id()
+    log.info("worker %s serving %s", worker_id, settings.database_url.split("@")[-1])
+    while not shutdown.is_set():
+        lease = claim(settings, worker_id)
+        if lease is None:
+            if once:
+                return 0
+            shutdown.wait(settings.worker_poll_seconds)
+            continue
+        log.info("job %s: claimed (attempt %d)", lease.job_id, lease.attempt)
+        run_one(lease, settings, shutdown)
+        if once:
+            return 0
+    log.info("worker %s stopped", worker_id)
+    return 0
+
+
+def install_signal_handlers(shutdown: threading.Event) -> None:
+    """First SIGTERM/SIGINT: finish the current batch, requeue the job, exit. A second: exit now."""
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if shutdown.is_set():
+            raise SystemExit(128 + signum)
+        log.info("worker got signal %d; stopping after the current batch", signum)
+        shutdown.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from app.core.logging import configure_logging
+
+    parser = argparse.ArgumentParser(prog="trainserve worker", description="Run a training worker.")
+    parser.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    shutdown = threading.Event()
+    install_signal_handlers(shutdown)
+    return serve(settings, once=args.once, shutdown=shutdown)
