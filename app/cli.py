@@ -53,7 +53,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, *argv])
+    # A process group of its own: Ctrl-C in a terminal reaches only `up`, which then sends each
+    # child exactly one SIGTERM (a second signal would make a worker skip its graceful requeue).
+    return subprocess.Popen([sys.executable, *argv], process_group=0)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -11,6 +11,8 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core.config import Settings
+from app.db.session import read_scope
 from app.db.tables import Image
 from models.preprocessing import GRAYSCALE_MODES, Preprocessing, decode_image, to_uint8
 
@@ -42,7 +44,7 @@ def infer_channels(records: list[ImageRecord]) -> int:
 
 
 def decode_dataset(
-    session: Session,
+    settings: Settings,
     records: list[ImageRecord],
     preprocessing: Preprocessing,
     *,
@@ -62,7 +64,8 @@ def decode_dataset(
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for start in range(0, len(ids), FETCH_CHUNK):
             chunk = ids[start : start + FETCH_CHUNK]
-            rows = session.execute(select(Image.id, Image.data).where(Image.id.in_(chunk))).all()
+            with read_scope(settings) as session:  # short reads: no snapshot held while decoding
+                rows = session.execute(select(Image.id, Image.data).where(Image.id.in_(chunk))).all()
             list(pool.map(decode, [(row.id, row.data) for row in rows]))
             done += len(rows)
             on_progress(done, len(ids))

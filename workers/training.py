@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from app.core.config import Settings
-from app.db.session import session_scope
+from app.db.session import read_scope, session_scope
 from app.db.tables import CheckpointKind, JobStatus, TrainingJob
 from app.schemas.jobs import JobSpec
 from app.services import queue
@@ -78,7 +78,7 @@ def _metric_value(name: str, result: EvalResult) -> float:
 
 def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) -> tuple[JobStatus, str]:
     """Train the leased job; returns the final status and why it stopped. Raises on failure."""
-    with session_scope(settings) as session:
+    with read_scope(settings) as session:
         job = session.get(TrainingJob, lease.job_id)
         assert job is not None
         spec = JobSpec.model_validate(job.spec)
@@ -115,13 +115,12 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
     )
 
     reporter.update(force=True, phase="caching", epoch=0, epochs=spec.epochs, done=0, total=len(records))
-    with session_scope(settings) as session:
-        images = decode_dataset(
-            session,
-            records,
-            preprocessing,
-            on_progress=lambda done, total: reporter.update(phase="caching", done=done, total=total),
-        )
+    images = decode_dataset(
+        settings,
+        records,
+        preprocessing,
+        on_progress=lambda done, total: reporter.update(phase="caching", done=done, total=total),
+    )
 
     torch.manual_seed(spec.seed)
     generator = torch.Generator().manual_seed(spec.seed)
@@ -157,6 +156,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
 
     for epoch in range(1, spec.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
+        epoch_started = time.perf_counter()
 
         def on_batch(batch: int, batches: int, epoch: int = epoch) -> None:
             reporter.update(
@@ -219,7 +219,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
                     "val_recall": val.recall,
                     "val_f1": val.f1,
                     "lr": lr,
-                    "seconds": train.seconds,
+                    "seconds": time.perf_counter() - epoch_started,
                     "images_per_second": train.images_per_second,
                     "data_seconds": train.data_seconds,
                 },
@@ -300,7 +300,7 @@ def _evaluate_best_on_test(
         log.info("job %s: no test images; skipping the test evaluation", lease.job_id)
         return
     reporter.update(force=True, phase="testing")
-    with session_scope(settings) as session:
+    with read_scope(settings) as session:
         checkpoint = best_checkpoint(session, lease.job_id)
         state_dict, _ = bytes_to_state_dict(checkpoint.weights)
         best_epoch = checkpoint.epoch

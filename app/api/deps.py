@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.db.session import session_scope
+from app.db.session import read_scope, session_scope
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -22,9 +22,11 @@ def get_app_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
-    """One transaction per request: committed when the route returns, rolled back when it raises."""
-    with session_scope(settings) as session:
+def get_session(request: Request, settings: SettingsDep) -> Iterator[Session]:
+    """One transaction per request: committed when the route returns, rolled back when it raises.
+    GET requests only read, so they take no write lock and never wait behind a training worker."""
+    scope = read_scope if request.method in {"GET", "HEAD"} else session_scope
+    with scope(settings) as session:
         yield session
 
 

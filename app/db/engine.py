@@ -9,6 +9,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+SQLITE_BEGIN_OPTION = "sqlite_begin"
+
 
 def make_engine(database_url: str, *, busy_timeout_seconds: float = 30.0) -> Engine:
     """Build an engine; for SQLite, create the file's folder and set the pragmas concurrency needs."""
@@ -35,6 +37,8 @@ def make_engine(database_url: str, *, busy_timeout_seconds: float = 30.0) -> Eng
     def _on_begin(connection: Any) -> None:
         # A deferred transaction that reads and then writes fails at once with "database is locked"
         # when another writer got there first, whatever the busy timeout; IMMEDIATE waits instead.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Read-only work asks for DEFERRED (see `read_scope`) so it never queues behind writers.
+        mode = connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "IMMEDIATE")
+        connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine

@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings, get_settings
-from app.db.engine import make_engine
+from app.db.engine import SQLITE_BEGIN_OPTION, make_engine
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
@@ -37,6 +37,15 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
     """A transaction: committed when the block ends, rolled back on error."""
     with session_factory(settings)() as session, session.begin():
         yield session
+
+
+@contextmanager
+def read_scope(settings: Settings | None = None) -> Iterator[Session]:
+    """A read-only transaction: on SQLite it takes no write lock, so it never waits for a writer
+    (WAL readers see the last committed state). Writing in it is a bug."""
+    engine = get_engine(settings).execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
+    with Session(bind=engine, expire_on_commit=False) as session:
+        yield session  # closing the session rolls the transaction back
 
 
 def dispose_engines() -> None:
