@@ -47,9 +47,10 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.loop import main as worker_main
-
-    return worker_main(["--once"] if args.once else [])
+    # The worker is its own program (`python -m workers`): the app package never imports it.
+    argv = [sys.executable, "-m", "workers", *(["--once"] if args.once else [])]
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover - execv does not return
 
 
 def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
