@@ -25,8 +25,12 @@ def read_metadata(data: bytes) -> dict[str, Any]:
     (header_length,) = struct.unpack("<Q", data[:8])
     if header_length > len(data) - 8:
         raise ValueError("not a safetensors file: header length past the end")
-    header = json.loads(data[8 : 8 + header_length])
-    raw = header.get("__metadata__", {}).get(METADATA_KEY)
+    try:
+        header = json.loads(data[8 : 8 + header_length])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("not a safetensors file: the header is not JSON") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    raw = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
     if raw is None:
         raise ValueError("safetensors file carries no trainserve metadata")
     return dict(json.loads(raw))

@@ -54,15 +54,21 @@ class Preprocessing:
 
 
 def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
-    """Open, fully decode and upright an image; raise ImageDecodeError with a readable reason."""
+    """Open, fully decode and upright an image; raise ImageDecodeError with a readable reason.
+
+    `max_pixels` is checked from the header, before any pixel is decoded, and per call: Pillow's own
+    process-wide `Image.MAX_IMAGE_PIXELS` stays as a last guard and is never changed here.
+    """
     if not data:
         raise ImageDecodeError("empty file")
-    if max_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise ImageDecodeError(
+                    f"image too large: {image.width}x{image.height} pixels is over the limit of {max_pixels}"
+                )
             image.load()  # decodes every byte: catches truncated files that open() alone accepts
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image too large: {exc}") from None
@@ -71,10 +77,13 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
             f"not a supported image (accepted formats: {', '.join(ALLOWED_FORMATS)})"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, ImageDecodeError):
+            raise
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
     if image.width < 1 or image.height < 1:
         raise ImageDecodeError("image has no pixels")
-    return ImageOps.exif_transpose(image) or image
+    ImageOps.exif_transpose(image, in_place=True)  # in place keeps `.format`, which a copy would lose
+    return image
 
 
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -92,8 +101,10 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
 def _to_8bit(image: Image.Image) -> Image.Image:
     """16-bit and float grayscale scaled to 8 bits (Pillow's convert('L') would clip them)."""
     if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit samples (Pillow opens 16-bit PNGs as I;16 or I): the same scale for every image,
+        # never one guessed from its content.
         array = np.asarray(image, dtype=np.int64)
-        return Image.fromarray(np.clip(array >> 8 if array.max() > 255 else array, 0, 255).astype(np.uint8))
+        return Image.fromarray(np.clip(array >> 8, 0, 255).astype(np.uint8))
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
         scale = 255.0 if array.max() <= 1.0 else 1.0

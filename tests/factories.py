@@ -49,3 +49,34 @@ def zip_bytes(entries: Iterable[tuple[str, bytes]]) -> bytes:
         for name, data in entries:
             archive.writestr(name, data)
     return buffer.getvalue()
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
+    """`image` saved in `fmt` (Pillow's save parameters pass through, e.g. exif=…)."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels but that holds no pixel data (a bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def zip_entries(
+    entries: Iterable[tuple[str | zipfile.ZipInfo, bytes]], *, compression: int = zipfile.ZIP_DEFLATED
+) -> bytes:
+    """Like `zip_bytes`, but an entry may be a ready ZipInfo (symlinks, odd attributes, stored data)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for name, data in entries:
+            archive.writestr(name, data)
+    return buffer.getvalue()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,29 +80,104 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def make_optimizer(
-    model: nn.Module, *, name: str, lr: float, momentum: float, weight_decay: float
+    model: nn.Module,
+    *,
+    name: str,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool = False,
 ) -> torch.optim.Optimizer:
+    """Built over every parameter, frozen ones included: while frozen their grad stays None and the
+    optimiser skips them (no weight decay, no momentum), and unfreezing needs no new optimiser."""
     groups = param_groups(model, weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, momentum=momentum)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, *, name: str, epochs: int, step_size: int, gamma: float
-) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """An epoch-level schedule; the lr an epoch ran with is recorded in its metrics row."""
+    optimizer: torch.optim.Optimizer,
+    *,
+    name: str,
+    epochs: int,
+    step_size: int = 10,
+    gamma: float = 0.1,
+    milestones: Sequence[int] = (30, 60),
+    restart_epochs: int = 10,
+    restart_mult: int = 1,
+    plateau_patience: int = 2,
+    plateau_mode: str = "max",
+    steps_per_epoch: int = 1,
+) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None:
+    """The main schedule over `epochs` epochs (after any warm-up). All step once per epoch except
+    `onecycle`, which steps once per optimiser step; `plateau` steps with the monitored metric."""
+    lr_scheduler = torch.optim.lr_scheduler
     if name == "none":
         return None
     if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        return lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+        return lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    if name == "multistep":
+        return lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
+    if name == "cosine_restarts":
+        return lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=restart_epochs, T_mult=restart_mult)
+    if name == "plateau":
+        return lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=plateau_mode, factor=gamma, patience=plateau_patience
+        )
+    if name == "onecycle":
+        max_lrs = [group["lr"] for group in optimizer.param_groups]
+        return lr_scheduler.OneCycleLR(
+            optimizer, max_lr=max_lrs, total_steps=max(epochs * steps_per_epoch, 2)
+        )
     raise ValueError(f"unknown scheduler {name!r}")
+
+
+class LRSchedule:
+    """Linear warm-up for `warmup_epochs`, then the main scheduler; one object for the loop to drive."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        main: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None,
+        *,
+        warmup_epochs: int = 0,
+    ) -> None:
+        self.optimizer = optimizer
+        self.main = main
+        self.warmup_epochs = warmup_epochs
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.per_step = isinstance(main, torch.optim.lr_scheduler.OneCycleLR)
+
+    def epoch_start(self, epoch: int) -> float:
+        """Set the warm-up lr for this 1-based epoch; returns the lr the epoch starts with."""
+        if epoch <= self.warmup_epochs:
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+                group["lr"] = base * epoch / self.warmup_epochs
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def optimizer_step(self) -> None:
+        if self.per_step and self.main is not None:
+            self.main.step()
+
+    def epoch_end(self, epoch: int, monitored: float) -> None:
+        if self.main is None or self.per_step or epoch <= self.warmup_epochs:
+            return
+        if isinstance(self.main, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.main.step(monitored)
+        else:
+            self.main.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"main": self.main.state_dict() if self.main is not None else None}
 
 
 def random_affine(
@@ -153,30 +228,62 @@ def train_one_epoch(
     generator: torch.Generator,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None,
     on_batch: Callable[[int, int], None],
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    accumulate_steps: int = 1,
+    grad_clip_norm: float | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
+    on_optimizer_step: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """One pass over `indices` of the uint8 `images` in a seeded random order."""
+    """One pass over `indices` of the uint8 `images` in a seeded random order.
+
+    `augment` works on floats in [0, 1] before normalisation; `mix` (MixUp/CutMix) on the normalised
+    batch, turning targets into class probabilities. Gradients are accumulated over `accumulate_steps`
+    batches, unscaled (fp16) before clipping, and the EMA follows every optimiser step.
+    """
     model.train()
     order = indices[torch.randperm(len(indices), generator=generator)]
     batches = math.ceil(len(order) / batch_size)
     total_loss, correct, seen, data_seconds = 0.0, 0, 0, 0.0
     started = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
     for batch_index in range(batches):
         data_started = time.perf_counter()
         batch_ids = order[batch_index * batch_size : (batch_index + 1) * batch_size]
         batch = images[batch_ids].to(device, non_blocking=True)
         target = targets[batch_ids].to(device, non_blocking=True)
         if augment is not None:
-            inputs = augment(batch.float().div_(255.0), generator)
-            inputs = normalize(inputs.mul_(255.0), preprocessing)
+            inputs = normalize(augment(batch.float().div_(255.0), generator).mul_(255.0), preprocessing)
         else:
             inputs = normalize(batch, preprocessing)
+        loss_target = target
+        if mix is not None:
+            inputs, loss_target = mix(inputs, target)
         data_seconds += time.perf_counter() - data_started
 
-        output = model(inputs)
-        loss = criterion(output, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            output = model(inputs)
+            loss = criterion(output.float(), loss_target)
+        scaled = loss / accumulate_steps
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+
+        last = batch_index + 1 == batches
+        if (batch_index + 1) % accumulate_steps == 0 or last:
+            if grad_clip_norm is not None:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(model)
+            if on_optimizer_step is not None:
+                on_optimizer_step()
 
         n = target.shape[0]
         total_loss += loss.item() * n  # sample-weighted, so a short last batch counts for what it is
@@ -205,6 +312,7 @@ def evaluate(
     batch_size: int,
     preprocessing: Preprocessing,
     device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
 ) -> EvalResult:
     """Loss, accuracy, top-5 and macro precision/recall/F1 over `indices`, in eval mode."""
     was_training = model.training
@@ -216,7 +324,8 @@ def evaluate(
         batch_ids = indices[start : start + batch_size]
         inputs = normalize(images[batch_ids].to(device, non_blocking=True), preprocessing)
         target = targets[batch_ids].to(device, non_blocking=True)
-        output = model(inputs).float()
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            output = model(inputs).float()
         total_loss += criterion(output, target).item() * target.shape[0]
         top5_hits += int((output.topk(k, dim=1).indices == target.unsqueeze(1)).any(dim=1).sum())
         predictions.append(output.argmax(dim=1).cpu())

@@ -7,9 +7,10 @@ Reads like torchvision's reference `main()`; the database is reached only throug
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,16 +24,18 @@ from app.services import queue
 from app.services.jobs import best_checkpoint
 from models.checkpoint import bytes_to_state_dict, state_dict_to_bytes
 from models.preprocessing import Preprocessing
-from models.registry import build_model, get_model_info
+from models.pretrained import PretrainedWeightsMissing, load_compatible, load_pretrained
+from models.registry import backbone_parameters, build_model, get_model_info
+from workers.augment import build_augment, build_mix
 from workers.data import decode_dataset, infer_channels, list_images
 from workers.engine import (
     EarlyStopping,
     EvalResult,
+    LRSchedule,
     Stopped,
     evaluate,
     make_optimizer,
     make_scheduler,
-    random_affine,
     resolve_device,
     train_one_epoch,
 )
@@ -76,6 +79,71 @@ def _metric_value(name: str, result: EvalResult) -> float:
     return {"val_acc": result.accuracy, "val_loss": result.loss, "val_f1": result.f1}[name]
 
 
+def resolve_precision(setting: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether a grad scaler is needed). Autocast only where it helps:
+    bf16/fp16 on CUDA; on the CPU only when bf16 is asked for."""
+    if setting == "off":
+        return None, False
+    if device.type != "cuda":
+        if setting == "fp16":
+            raise JobError("mixed_precision 'fp16' needs a CUDA device; use 'bf16' or 'off' on the CPU")
+        return (torch.bfloat16, False) if setting == "bf16" else (None, False)
+    if setting == "fp16" or (setting == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16, True
+    return torch.bfloat16, False
+
+
+def dataset_mean_std(images: torch.Tensor, indices: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training split, in [0, 1] pixel units."""
+    sums = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(sums)
+    count = 0
+    for start in range(0, len(indices), 1024):
+        chunk = images[indices[start : start + 1024]].to(torch.float64).div_(255.0)
+        sums += chunk.sum(dim=(0, 2, 3))
+        squares += chunk.pow(2).sum(dim=(0, 2, 3))
+        count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+    mean = sums / count
+    std = (squares / count - mean.pow(2)).clamp_min(1e-12).sqrt().clamp_min(1e-3)
+    return mean.tolist(), std.tolist()
+
+
+def balanced_class_weights(train_targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """n / (k * n_c), as scikit-learn's `class_weight='balanced'`."""
+    counts = torch.bincount(train_targets, minlength=num_classes).clamp_min(1).float()
+    return counts.sum() / (num_classes * counts)
+
+
+def initialise(model: nn.Module, spec: JobSpec, settings: Settings) -> dict[str, Any]:
+    """Load pretrained or earlier-job weights into `model`; returns what was loaded and skipped."""
+    if spec.init == "pretrained":
+        try:
+            report = load_pretrained(model, spec.model)
+        except PretrainedWeightsMissing as exc:
+            raise JobError(str(exc)) from None
+        return {"source": "pretrained", **report.to_dict()}
+    if spec.init_from_job is not None:
+        with read_scope(settings) as session:
+            source = session.get(TrainingJob, spec.init_from_job)
+            if source is None:
+                raise JobError(f"init_from_job: job {spec.init_from_job} not found")
+            checkpoint = best_checkpoint(session, spec.init_from_job)
+            state_dict, meta = bytes_to_state_dict(checkpoint.weights)
+        if meta["architecture"] != spec.model:
+            raise JobError(
+                f"init_from_job: job {spec.init_from_job} trained {meta['architecture']}, not {spec.model}"
+            )
+        report = load_compatible(model, state_dict, first_conv=get_model_info(spec.model).first_conv)
+        return {"source": f"job {spec.init_from_job} (epoch {checkpoint.epoch})", **report.to_dict()}
+    return {"source": "random"}
+
+
+def set_backbone_trainable(model: nn.Module, name: str, trainable: bool) -> None:
+    # requires_grad_(False) keeps the grads None, so the optimiser leaves frozen weights alone entirely.
+    for parameter in backbone_parameters(model, name):
+        parameter.requires_grad_(trainable)
+
+
 def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) -> tuple[JobStatus, str]:
     """Train the leased job; returns the final status and why it stopped. Raises on failure."""
     with read_scope(settings) as session:
@@ -102,12 +170,18 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
             f"dataset {spec.dataset_id} is too small to split (train {split_sizes['train']}, "
             f"val {split_sizes['val']}); upload at least 2 images per class"
         )
+    index = {name: torch.tensor(ids, dtype=torch.long) for name, ids in splits.items()}
 
-    info = get_model_info(spec.model)
+    model_info = get_model_info(spec.model)
     channels = spec.channels or infer_channels(records)
     preprocessing = Preprocessing.for_channels(
-        image_size=spec.image_size or info.default_image_size, channels=channels, mean=info.mean, std=info.std
+        image_size=spec.image_size or model_info.default_image_size,
+        channels=channels,
+        mean=model_info.mean,
+        std=model_info.std,
     )
+    device = resolve_device(settings.device)
+    autocast_dtype, use_scaler = resolve_precision(spec.mixed_precision, device)
     with session_scope(settings) as session:
         queue.start_attempt(session, lease, classes=classes, split_sizes=split_sizes)
     log.info(
@@ -121,26 +195,79 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         preprocessing,
         on_progress=lambda done, total: reporter.update(phase="caching", done=done, total=total),
     )
+    if spec.normalization == "dataset":
+        mean, std = dataset_mean_std(images, index["train"])
+        preprocessing = replace(preprocessing, mean=tuple(mean), std=tuple(std))
 
     torch.manual_seed(spec.seed)
     generator = torch.Generator().manual_seed(spec.seed)
-    device = resolve_device(settings.device)
     model = build_model(
         spec.model, num_classes=len(classes), in_channels=channels, image_size=preprocessing.image_size
-    ).to(device)
+    )
+    init_report = initialise(model, spec, settings)
+    model.to(device)
     optimizer = make_optimizer(
-        model, name=spec.optimizer, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+        model,
+        name=spec.optimizer,
+        lr=spec.lr,
+        momentum=spec.momentum,
+        weight_decay=spec.weight_decay,
+        nesterov=spec.nesterov,
     )
-    scheduler = make_scheduler(
-        optimizer, name=spec.scheduler, epochs=spec.epochs, step_size=spec.step_size, gamma=spec.gamma
+    batches_per_epoch = math.ceil(len(index["train"]) / spec.batch_size)
+    schedule = LRSchedule(
+        optimizer,
+        make_scheduler(
+            optimizer,
+            name=spec.scheduler,
+            epochs=spec.epochs - spec.warmup_epochs,
+            step_size=spec.step_size,
+            gamma=spec.gamma,
+            milestones=[m - spec.warmup_epochs for m in spec.milestones if m > spec.warmup_epochs] or [10**6],
+            restart_epochs=spec.restart_epochs,
+            restart_mult=spec.restart_mult,
+            plateau_patience=spec.plateau_patience,
+            plateau_mode=spec.monitor_mode,
+            steps_per_epoch=math.ceil(batches_per_epoch / spec.accumulate_steps),
+        ),
+        warmup_epochs=spec.warmup_epochs,
     )
-    train_criterion = nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
+    weights = (
+        balanced_class_weights(targets[index["train"]], len(classes)).to(device)
+        if spec.class_weights == "balanced"
+        else None
+    )
+    # The same weighted criterion for plain, label-smoothed and mixed (soft) targets.
+    train_criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=spec.label_smoothing)
     eval_criterion = nn.CrossEntropyLoss()
-    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
-    if spec.augmentation == "basic":
+    augment = build_augment(spec.augmentation, horizontal_flip=spec.horizontal_flip)
+    mix = build_mix(mixup_alpha=spec.mixup_alpha, cutmix_alpha=spec.cutmix_alpha, num_classes=len(classes))
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(spec.ema_decay), use_buffers=True
+        )
+        if spec.ema_decay is not None
+        else None
+    )
+    evaluated: nn.Module = ema.module if ema is not None else model
 
-        def augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-            return random_affine(batch, generator=gen, horizontal_flip=spec.horizontal_flip)
+    job_info = {
+        "image_size": preprocessing.image_size,
+        "channels": channels,
+        "mean": list(preprocessing.mean),
+        "std": list(preprocessing.std),
+        "normalization": spec.normalization,
+        "device": str(device),
+        "mixed_precision": str(autocast_dtype).removeprefix("torch.") if autocast_dtype else "off",
+        "grad_scaler": use_scaler,
+        "effective_batch_size": spec.batch_size * spec.accumulate_steps,
+        "class_weights": weights.tolist() if weights is not None else None,
+        "init": init_report,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    with session_scope(settings) as session:
+        queue.set_job_info(session, lease, info=job_info)
 
     meta_base = {
         "architecture": spec.model,
@@ -148,14 +275,18 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         "preprocessing": preprocessing.to_meta(),
         "job_id": lease.job_id,
         "monitor": spec.monitor,
+        "ema": ema is not None,
     }
-    index = {name: torch.tensor(ids, dtype=torch.long) for name, ids in splits.items()}
     eval_batch = max(spec.batch_size * 2, 256)
-    tracker = EarlyStopping(mode=spec.monitor_mode, patience=spec.early_stopping_patience)
+    tracker = EarlyStopping(
+        mode=spec.monitor_mode, patience=spec.early_stopping_patience, min_delta=spec.min_delta
+    )
     stop_reason = f"completed {spec.epochs} epochs"
 
     for epoch in range(1, spec.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
+        lr = schedule.epoch_start(epoch)
+        if spec.freeze_epochs:
+            set_backbone_trainable(model, spec.model, trainable=epoch > spec.freeze_epochs)
         epoch_started = time.perf_counter()
 
         def on_batch(batch: int, batches: int, epoch: int = epoch) -> None:
@@ -184,12 +315,19 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
                 generator=generator,
                 augment=augment,
                 on_batch=on_batch,
+                mix=mix,
+                autocast_dtype=autocast_dtype,
+                scaler=scaler,
+                accumulate_steps=spec.accumulate_steps,
+                grad_clip_norm=spec.grad_clip_norm,
+                ema=ema,
+                on_optimizer_step=schedule.optimizer_step,
             )
         except Stopped as stopped:
             return _stopped(lease, settings, stopped.reason, epoch - 1)
         reporter.update(phase="validating", epoch=epoch)
         val = evaluate(
-            model,
+            evaluated,
             eval_criterion,
             images,
             targets,
@@ -198,11 +336,10 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
             batch_size=eval_batch,
             preprocessing=preprocessing,
             device=device,
+            autocast_dtype=autocast_dtype,
         )
-        if scheduler is not None:
-            scheduler.step()
-
         value = _metric_value(spec.monitor, val)
+        schedule.epoch_end(epoch, value)
         improved = tracker.update(value)
         with session_scope(settings) as session:
             queue.record_epoch(
@@ -234,7 +371,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
                     metric=spec.monitor,
                     value=value,
                     meta=meta,
-                    weights=state_dict_to_bytes(model.state_dict(), meta),
+                    weights=state_dict_to_bytes(evaluated.state_dict(), meta),
                 )
         log.info(
             "job %s epoch %d/%d: train loss %.4f acc %.4f, val loss %.4f acc %.4f%s",
@@ -262,7 +399,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         lease,
         settings,
         reporter,
-        model,
+        evaluated,
         eval_criterion,
         images,
         targets,
@@ -271,6 +408,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         eval_batch,
         preprocessing,
         device,
+        autocast_dtype,
     )
     return JobStatus.succeeded, stop_reason
 
@@ -294,6 +432,7 @@ def _evaluate_best_on_test(
     batch_size: int,
     preprocessing: Preprocessing,
     device: torch.device,
+    autocast_dtype: torch.dtype | None,
 ) -> None:
     """Reload the best weights, as stored, and store their test-split evaluation."""
     if len(index["test"]) == 0:
@@ -315,6 +454,7 @@ def _evaluate_best_on_test(
         batch_size=batch_size,
         preprocessing=preprocessing,
         device=device,
+        autocast_dtype=autocast_dtype,
     )
     support = result.confusion.sum(dim=1)
     per_class = [

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, deferred, mapped_column, relationship
@@ -115,6 +116,8 @@ class TrainingJob(Base):
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     classes: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     split_sizes: Mapped[dict[str, int] | None] = mapped_column(JSON, default=None)
+    # What the worker resolved from the spec and the data (input size, normalisation, device, init report).
+    info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default=text("'{}'"))
     best_epoch: Mapped[int | None] = mapped_column(Integer, default=None)
     best_metric: Mapped[str | None] = mapped_column(String(32), default=None)
     best_value: Mapped[float | None] = mapped_column(Float, default=None)

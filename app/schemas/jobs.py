@@ -5,9 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from models.registry import MODELS
+
+
+def _earlier(info: ValidationInfo, name: str) -> Any:
+    """A field validated before this one (absent when that field itself was invalid)."""
+    return info.data.get(name)
 
 
 class JobSpec(BaseModel):
@@ -17,32 +22,93 @@ class JobSpec(BaseModel):
 
     dataset_id: int = Field(description="The dataset to train on.")
     model: str = Field(description="Architecture name; `GET /models` lists them.")
-    epochs: int = Field(default=10, ge=1, le=1000)
-    batch_size: int = Field(default=64, ge=1, le=4096)
-    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = Field(default=1e-3, gt=0, le=10, description="Peak learning rate.")
-    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(default=1e-4, ge=0, le=1, description="Not applied to norms and biases.")
-    scheduler: Literal["none", "cosine", "step"] = "cosine"
-    step_size: int = Field(default=10, ge=1, description="Epochs between decays (`step` scheduler).")
-    gamma: float = Field(default=0.1, gt=0, le=1, description="Decay factor (`step` scheduler).")
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    augmentation: Literal["none", "basic"] = Field(
-        default="basic", description="`basic`: random scale, shift and small rotation per image."
+
+    # Initialisation.
+    init: Literal["random", "pretrained"] = Field(
+        default="random",
+        description="`pretrained`: torchvision ImageNet weights from the local torch cache (TORCH_HOME); "
+        "never downloaded at run time.",
     )
-    horizontal_flip: bool = Field(default=False, description="Random horizontal flips (not for digits).")
+    init_from_job: int | None = Field(
+        default=None,
+        description="Fine-tune from this earlier job's best checkpoint (same model); the classifier head "
+        "is replaced when the class count differs.",
+    )
+
+    # Input.
     image_size: int | None = Field(default=None, ge=4, le=1024, description="Default: the model's own.")
     channels: Literal[1, 3] | None = Field(
         default=None, description="Default: 1 when every image is grayscale, else 3."
     )
+    normalization: Literal["preset", "dataset"] = Field(
+        default="preset",
+        description="`preset`: the model's mean/std (ImageNet for torchvision models); `dataset`: mean/std "
+        "computed from the training split.",
+    )
+
+    # Augmentation.
+    augmentation: Literal["none", "basic", "strong"] = Field(
+        default="basic",
+        description="`basic`: per-image random resized crop (scale, shift, ±10° rotation); `strong`: basic "
+        "plus TrivialAugmentWide and random erasing.",
+    )
+    horizontal_flip: bool = Field(default=False, description="Random horizontal flips (not for digits).")
+    mixup_alpha: float = Field(default=0.0, ge=0, le=10, description="MixUp when > 0.")
+    cutmix_alpha: float = Field(default=0.0, ge=0, le=10, description="CutMix when > 0.")
+
+    # Optimisation.
+    epochs: int = Field(default=10, ge=1, le=1000)
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0, le=10, description="Peak learning rate.")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD and RMSprop momentum.")
+    nesterov: bool = Field(default=False, description="Nesterov momentum (SGD).")
+    weight_decay: float = Field(default=1e-4, ge=0, le=1, description="Not applied to norms and biases.")
+    scheduler: Literal["none", "step", "multistep", "cosine", "cosine_restarts", "plateau", "onecycle"] = (
+        "cosine"
+    )
+    step_size: int = Field(default=10, ge=1, description="Epochs between decays (`step`).")
+    milestones: list[int] = Field(
+        default=[30, 60], min_length=1, max_length=100, description="Epochs at which to decay (`multistep`)."
+    )
+    gamma: float = Field(
+        default=0.1, gt=0, lt=1, description="Decay factor (`step`, `multistep`, `plateau`)."
+    )
+    restart_epochs: int = Field(
+        default=10, ge=1, description="Epochs of the first cycle (`cosine_restarts`)."
+    )
+    restart_mult: int = Field(default=1, ge=1, le=10, description="Cycle growth (`cosine_restarts`).")
+    plateau_patience: int = Field(default=2, ge=0, le=100, description="Epochs without progress (`plateau`).")
+    warmup_epochs: int = Field(default=0, ge=0, description="Linear warm-up to `lr` over these epochs.")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    class_weights: Literal["none", "balanced"] = Field(
+        default="none",
+        description="`balanced`: loss weights inversely proportional to training class counts.",
+    )
+    grad_clip_norm: float | None = Field(default=None, gt=0, description="Clip the gradient norm to this.")
+    accumulate_steps: int = Field(default=1, ge=1, le=1024, description="Batches per optimiser step.")
+    mixed_precision: Literal["auto", "off", "bf16", "fp16"] = Field(
+        default="auto",
+        description="`auto`: bf16 (or fp16 with a grad scaler) autocast on CUDA, off on the CPU; `bf16` "
+        "also on the CPU; `fp16` needs CUDA.",
+    )
+    freeze_epochs: int = Field(
+        default=0, ge=0, description="Train only the classifier head for the first N epochs."
+    )
+    ema_decay: float | None = Field(
+        default=None, ge=0.5, lt=1, description="Keep an EMA of the weights; it is validated and saved."
+    )
+
+    # Validation, early stopping, reproducibility.
     val_fraction: float = Field(default=0.2, gt=0, lt=1)
     test_fraction: float = Field(default=0.1, ge=0, lt=1)
     monitor: Literal["val_acc", "val_loss", "val_f1"] = Field(
-        default="val_acc", description="Validation metric that picks the best checkpoint."
+        default="val_acc", description="Validation metric that picks the best checkpoint and stops early."
     )
     early_stopping_patience: int | None = Field(
         default=None, ge=1, description="Stop after this many epochs without improvement (default: never)."
     )
+    min_delta: float = Field(default=0.0, ge=0, description="Smallest change that counts as improvement.")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     @field_validator("model")
@@ -52,15 +118,59 @@ class JobSpec(BaseModel):
             raise ValueError(f"unknown model {value!r}; choose one of: {', '.join(MODELS)}")
         return value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> JobSpec:
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError("val_fraction + test_fraction must leave images for training (sum < 1)")
-        info = MODELS[self.model]
-        if self.image_size is not None and self.image_size < info.min_image_size:
+    @field_validator("init")
+    @classmethod
+    def _pretrained_exists(cls, value: str, info: ValidationInfo) -> str:
+        model = _earlier(info, "model")
+        if value == "pretrained" and model in MODELS and MODELS[model].weights is None:
+            with_weights = [name for name, m in MODELS.items() if m.weights]
+            raise ValueError(f"{model} has no pretrained weights; models that do: {', '.join(with_weights)}")
+        return value
+
+    @field_validator("init_from_job")
+    @classmethod
+    def _one_init(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and _earlier(info, "init") == "pretrained":
+            raise ValueError("init_from_job and init='pretrained' exclude each other")
+        return value
+
+    @field_validator("image_size")
+    @classmethod
+    def _large_enough(cls, value: int | None, info: ValidationInfo) -> int | None:
+        model = _earlier(info, "model")
+        if value is not None and model in MODELS and value < MODELS[model].min_image_size:
             raise ValueError(
-                f"image_size {self.image_size} is too small for {self.model} (at least {info.min_image_size})"
+                f"image_size {value} is too small for {model} (at least {MODELS[model].min_image_size})"
             )
+        return value
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(m < 1 for m in value) or value != sorted(set(value)):
+            raise ValueError("milestones must be strictly increasing epoch numbers >= 1")
+        return value
+
+    @field_validator("warmup_epochs", "freeze_epochs")
+    @classmethod
+    def _shorter_than_training(cls, value: int, info: ValidationInfo) -> int:
+        epochs = _earlier(info, "epochs")
+        if epochs is not None and value >= epochs and value > 0:
+            raise ValueError(f"{info.field_name} ({value}) must be smaller than epochs ({epochs})")
+        return value
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _leaves_training_images(cls, value: float, info: ValidationInfo) -> float:
+        val_fraction = _earlier(info, "val_fraction")
+        if val_fraction is not None and val_fraction + value >= 1:
+            raise ValueError("val_fraction + test_fraction must leave images for training (sum < 1)")
+        return value
+
+    @model_validator(mode="after")
+    def _scheduler_options(self) -> JobSpec:
+        if self.scheduler == "onecycle" and self.warmup_epochs:
+            raise ValueError("warmup_epochs: onecycle has its own warm-up; leave warmup_epochs at 0")
         return self
 
     @property
@@ -83,6 +193,10 @@ class JobRead(BaseModel):
     best: BestRead | None
     classes: list[str] | None
     split_sizes: dict[str, int] | None
+    info: dict[str, Any] = Field(
+        description="What the worker resolved: input size, channels, normalisation, device, precision, "
+        "initialisation report (loaded/skipped keys)."
+    )
     stop_reason: str | None
     error: str | None
     attempts: int

@@ -79,7 +79,9 @@ def add_labelled_files(
             result.reject(filename, f"larger than the {settings.max_image_bytes}-byte image limit")
         else:
             uploads.append(Upload(filename=filename, label=label, data=data))
-    result.merge(add_uploads(session, dataset_id=dataset_id, uploads=uploads))
+    result.merge(
+        add_uploads(session, dataset_id=dataset_id, uploads=uploads, max_pixels=settings.max_image_pixels)
+    )
     return _checked(result)
 
 
@@ -95,7 +97,10 @@ def add_archive(session: Session, *, dataset_id: int, fileobj: IO[bytes], settin
     result = UploadResult()
     result.merge(
         add_uploads(
-            session, dataset_id=dataset_id, uploads=read_archive(fileobj, limits=limits, result=result)
+            session,
+            dataset_id=dataset_id,
+            uploads=read_archive(fileobj, limits=limits, result=result),
+            max_pixels=settings.max_image_pixels,
         )
     )
     return _checked(result)

@@ -55,10 +55,10 @@ def validate_label(label: str, *, max_length: int) -> str | None:
     return None
 
 
-def _row(dataset_id: int, upload: Upload, digest: str) -> dict[str, Any] | str:
+def _row(dataset_id: int, upload: Upload, digest: str, max_pixels: int | None) -> dict[str, Any] | str:
     """The image row for an upload, or the reason it is rejected."""
     try:
-        image = decode_image(upload.data)
+        image = decode_image(upload.data, max_pixels=max_pixels)
     except ImageDecodeError as exc:
         return str(exc)
     return {
@@ -87,12 +87,15 @@ def _insert_ignoring_duplicates(session: Session, rows: list[dict[str, Any]]) ->
     insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(dialect)
     if insert is None:
         raise RuntimeError(f"unsupported database dialect {dialect!r}")
-    stmt = insert(Image).on_conflict_do_nothing(index_elements=["dataset_id", "sha256"])
-    # One statement per row: executemany does not report per-row counts on every driver.
-    return sum(session.execute(stmt.values(**row)).rowcount for row in rows)
+    stmt = insert(Image).on_conflict_do_nothing(index_elements=["dataset_id", "sha256"]).returning(Image.id)
+    # Count RETURNING rows, not `rowcount`: SQLAlchemy adds RETURNING to an INSERT on PostgreSQL by
+    # itself, and then rowcount is -1. One statement per row keeps the count exact.
+    return sum(len(session.execute(stmt.values(**row)).all()) for row in rows)
 
 
-def add_uploads(session: Session, *, dataset_id: int, uploads: Iterable[Upload]) -> UploadResult:
+def add_uploads(
+    session: Session, *, dataset_id: int, uploads: Iterable[Upload], max_pixels: int | None = None
+) -> UploadResult:
     """Decode-check and store uploads; a bad file is rejected by name and the rest still go in."""
     result = UploadResult()
     seen: set[str] = set()
@@ -109,7 +112,7 @@ def add_uploads(session: Session, *, dataset_id: int, uploads: Iterable[Upload])
         if digest in seen:
             result.duplicates += 1
             continue
-        row = _row(dataset_id, upload, digest)
+        row = _row(dataset_id, upload, digest, max_pixels)
         if isinstance(row, str):
             result.reject(upload.filename, row)
             continue

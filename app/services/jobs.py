@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, undefer
 
-from app.core.errors import Conflict, NotFound
+from app.core.errors import Conflict, Invalid, NotFound
 from app.db.tables import (
     FINISHED_STATUSES,
     Checkpoint,
@@ -26,6 +27,7 @@ from app.schemas.jobs import (
     MetricsRead,
 )
 from app.services.datasets import class_counts, get_dataset
+from models.pretrained import PretrainedWeightsMissing, check_pretrained_available
 
 
 def job_read(job: TrainingJob) -> JobRead:
@@ -41,6 +43,7 @@ def job_read(job: TrainingJob) -> JobRead:
         best=best,
         classes=job.classes,
         split_sizes=job.split_sizes,
+        info=job.info or {},
         stop_reason=job.stop_reason,
         error=job.error,
         attempts=job.attempts,
@@ -60,6 +63,7 @@ def create_job(
         if existing is not None:
             return existing, False
     get_dataset(session, spec.dataset_id)
+    _check_initialisation(session, spec)
     counts = class_counts(session, spec.dataset_id)
     if len(counts) < 2:
         raise Conflict(
@@ -73,9 +77,38 @@ def create_job(
         idempotency_key=idempotency_key,
         progress={"phase": "queued", "epoch": 0, "epochs": spec.epochs},
     )
-    session.add(job)
-    session.flush()
+    try:
+        with session.begin_nested():  # a savepoint: a lost race must not doom the whole transaction
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        if not idempotency_key:
+            raise
+        # Another request with the same key committed first (PostgreSQL lets both get this far).
+        existing = session.scalar(select(TrainingJob).where(TrainingJob.idempotency_key == idempotency_key))
+        if existing is None:
+            raise
+        return existing, False
     return job, True
+
+
+def _check_initialisation(session: Session, spec: JobSpec) -> None:
+    """Refuse now, not in the worker, a job whose starting weights cannot be found."""
+    if spec.init == "pretrained":
+        try:
+            check_pretrained_available(spec.model)
+        except PretrainedWeightsMissing as exc:
+            raise Invalid(f"init: {exc}") from None
+    if spec.init_from_job is not None:
+        source = session.get(TrainingJob, spec.init_from_job)
+        if source is None:
+            raise NotFound(f"init_from_job: job {spec.init_from_job} not found")
+        if source.spec.get("model") != spec.model:
+            raise Invalid(
+                f"init_from_job: job {spec.init_from_job} trained {source.spec.get('model')}, "
+                f"not {spec.model}; fine-tuning needs the same model"
+            )
+        best_checkpoint(session, spec.init_from_job, with_weights=False)  # 409 while it has none
 
 
 def get_job(session: Session, job_id: int) -> TrainingJob:

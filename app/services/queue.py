@@ -109,9 +109,14 @@ def start_attempt(session: Session, lease: Lease, *, classes: list[str], split_s
     job.classes = classes
     job.split_sizes = split_sizes
     job.best_epoch = job.best_metric = job.best_value = None
+    job.info = {}
     session.execute(delete(EpochMetric).where(EpochMetric.job_id == lease.job_id))
     session.execute(delete(Checkpoint).where(Checkpoint.job_id == lease.job_id))
     session.execute(delete(Evaluation).where(Evaluation.job_id == lease.job_id))
+
+
+def set_job_info(session: Session, lease: Lease, *, info: dict[str, Any]) -> None:
+    _owned_job(session, lease).info = info
 
 
 def record_epoch(session: Session, lease: Lease, *, values: dict[str, Any]) -> None:

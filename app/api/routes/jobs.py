@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response, status
 
 from app.api.deps import SessionDep
 from app.db.tables import JobStatus
 from app.schemas.jobs import EvaluationRead, JobRead, JobSpec, MetricsRead
+from app.services import charts
 from app.services import jobs as service
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -53,16 +54,65 @@ def cancel_job(job_id: int, session: SessionDep) -> JobRead:
     return service.job_read(service.cancel_job(session, job_id))
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsRead)
-def get_metrics(job_id: int, session: SessionDep) -> MetricsRead:
-    """One row per finished epoch (also while the job runs)."""
-    return service.job_metrics(session, job_id)
+@router.get(
+    "/{job_id}/metrics",
+    response_model=MetricsRead,
+    responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with `format=csv`"}},
+)
+def get_metrics(
+    job_id: int,
+    session: SessionDep,
+    format: Annotated[
+        Literal["json", "csv"],
+        Query(description="`csv`: one line per epoch, every metric a column (a file download)."),
+    ] = "json",
+) -> MetricsRead | Response:
+    """One row per finished epoch (also while the job runs), as JSON or CSV."""
+    metrics = service.job_metrics(session, job_id)
+    if format == "csv":
+        return Response(
+            content=charts.metrics_csv(metrics.epochs),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="job-{job_id}-metrics.csv"'},
+        )
+    return metrics
+
+
+@router.get(
+    "/{job_id}/metrics.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "PNG image"}},
+)
+def get_metrics_chart(job_id: int, session: SessionDep) -> Response:
+    """Loss, accuracy and learning-rate curves per epoch as a PNG (also while the job runs)."""
+    job = service.get_job(session, job_id)
+    metrics = service.job_metrics(session, job_id)
+    title = f"job {job_id}: {job.spec.get('model', '?')} ({metrics.status})"
+    png = charts.metrics_png(metrics.epochs, title=title, best_epoch=job.best_epoch)
+    return Response(content=png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/{job_id}/evaluation", response_model=EvaluationRead)
 def get_evaluation(job_id: int, session: SessionDep) -> EvaluationRead:
     """Test-split metrics of the best weights: accuracy, per-class report, confusion matrix."""
     return service.job_evaluation(session, job_id)
+
+
+@router.get(
+    "/{job_id}/confusion.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "PNG image"}},
+)
+def get_confusion_chart(job_id: int, session: SessionDep) -> Response:
+    """The test evaluation's confusion matrix as a PNG heat map (409 until the evaluation exists)."""
+    evaluation = service.job_evaluation(session, job_id)
+    accuracy = "" if evaluation.accuracy is None else f", accuracy {evaluation.accuracy:.1%}"
+    title = (
+        f"job {job_id}: {evaluation.split} split, epoch {evaluation.epoch}, "
+        f"{evaluation.num_samples} images{accuracy}"
+    )
+    png = charts.confusion_png(evaluation.classes, evaluation.confusion_matrix, title=title)
+    return Response(content=png, media_type="image/png")
 
 
 @router.get(
