@@ -7,6 +7,8 @@ Ctrl-C/SIGTERM on to them and waits until they have all exited.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -53,10 +55,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover - execv does not return
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: if `up` itself is killed (SIGKILL, OOM), the kernel sends the
+    child SIGTERM, so no API or worker is ever left running on its own."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
     # A process group of its own: Ctrl-C in a terminal reaches only `up`, which then sends each
     # child exactly one SIGTERM (a second signal would make a worker skip its graceful requeue).
-    return subprocess.Popen([sys.executable, *argv], process_group=0)
+    return subprocess.Popen(
+        [sys.executable, *argv],
+        process_group=0,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:

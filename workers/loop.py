@@ -7,11 +7,12 @@ import os
 import signal
 import socket
 import threading
+import time
 import traceback
 from types import FrameType
 
 from app.core.config import Settings, get_settings
-from app.db.session import session_scope
+from app.db.session import read_scope, session_scope
 from app.db.tables import JobStatus
 from app.services import queue
 from workers.training import JobError, JobReporter, run_training
@@ -52,11 +53,19 @@ def run_one(lease: queue.Lease, settings: Settings, shutdown: threading.Event) -
     return status
 
 
-def claim(settings: Settings, worker_id: str) -> queue.Lease | None:
-    with session_scope(settings) as session:
-        queue.requeue_stale_jobs(
-            session, lease_timeout_seconds=settings.lease_timeout_seconds, max_attempts=settings.max_attempts
-        )
+def claim(settings: Settings, worker_id: str, *, recover_stale: bool = True) -> queue.Lease | None:
+    """Claim the oldest queued job. An idle worker polls with a read (no SQLite write lock) and takes
+    the write lock only when there is something to claim."""
+    if recover_stale:
+        with session_scope(settings) as session:
+            queue.requeue_stale_jobs(
+                session,
+                lease_timeout_seconds=settings.lease_timeout_seconds,
+                max_attempts=settings.max_attempts,
+            )
+    with read_scope(settings) as session:
+        if not queue.has_queued_job(session):
+            return None
     with session_scope(settings) as session:
         return queue.claim_next_job(session, worker_id=worker_id)
 
@@ -66,8 +75,13 @@ def serve(settings: Settings, *, once: bool = False, shutdown: threading.Event |
     shutdown = shutdown or threading.Event()
     worker_id = make_worker_id()
     log.info("worker %s serving %s", worker_id, settings.database_url.split("@")[-1])
+    last_recovery = float("-inf")
     while not shutdown.is_set():
-        lease = claim(settings, worker_id)
+        # Looking for stale jobs takes a write lock: do it once per heartbeat interval, not every poll.
+        recover = time.monotonic() - last_recovery >= settings.heartbeat_seconds
+        if recover:
+            last_recovery = time.monotonic()
+        lease = claim(settings, worker_id, recover_stale=recover)
         if lease is None:
             if once:
                 return 0

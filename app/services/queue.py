@@ -57,6 +57,13 @@ def requeue_stale_jobs(session: Session, *, lease_timeout_seconds: float, max_at
     return len(stale)
 
 
+def has_queued_job(session: Session) -> bool:
+    return (
+        session.scalar(select(TrainingJob.id).where(TrainingJob.status == JobStatus.queued).limit(1))
+        is not None
+    )
+
+
 def claim_next_job(session: Session, *, worker_id: str) -> Lease | None:
     """Take the oldest queued job. On PostgreSQL, SKIP LOCKED lets many workers claim concurrently;
     SQLite's BEGIN IMMEDIATE (see app.db.engine) serialises claimers instead."""

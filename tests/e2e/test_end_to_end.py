@@ -58,8 +58,12 @@ def server(tmp_path: Path) -> Iterator[tuple[httpx.Client, subprocess.Popen[byte
     finally:
         client.close()
         if process.poll() is None:
-            process.kill()
-            process.wait()
+            process.terminate()  # `up` passes SIGTERM on to the API and the worker and waits for them
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()  # the children get SIGTERM from the kernel when `up` dies
+                process.wait()
 
 
 def wait_for(client: httpx.Client, job_id: int, statuses: set[str], timeout: float = 300) -> dict:  # type: ignore[type-arg]

@@ -302,3 +302,17 @@ def test_encrypted_member_is_rejected() -> None:
     uploads, result = read(bytes(data))
     assert summary(uploads) == {("cat/ok.png", "cat", None)}
     assert rejected_names(result) == {"cat/secret.png"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG: _common_root compares the first folder with SPLIT_ALIASES case-sensitively while the "
+    "split itself is matched with .lower(), so a zip holding only 'Train/<class>/…' loses its split",
+)
+@pytest.mark.parametrize("folder", ["Train", "TRAIN"])
+def test_a_single_capitalised_split_folder_is_a_split(folder: str) -> None:
+    uploads, _ = read(
+        zip_bytes([(f"{folder}/cat/a.png", noise_png(1)), (f"{folder}/dog/b.png", noise_png(2))])
+    )
+    assert {(u.label, u.split) for u in uploads} == {("cat", "train"), ("dog", "train")}

@@ -13,6 +13,7 @@ from models.preprocessing import Preprocessing, normalize
 from workers.engine import (
     EarlyStopping,
     EvalResult,
+    LRSchedule,
     Stopped,
     TrainResult,
     evaluate,
@@ -167,6 +168,34 @@ def test_make_scheduler_rejects_unknown_names() -> None:
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match="sawtooth"):
         make_scheduler(optimizer, name="sawtooth", epochs=3, step_size=1, gamma=0.1)
+
+
+def test_warmup_then_the_main_schedule() -> None:
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    main = make_scheduler(optimizer, name="step", epochs=4, step_size=1, gamma=0.5)
+    schedule = LRSchedule(optimizer, main, warmup_epochs=2)
+    lrs = []
+    for epoch in range(1, 6):
+        lrs.append(schedule.epoch_start(epoch))
+        optimizer.step()
+        schedule.epoch_end(epoch, monitored=0.0)
+    assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.05, 0.025])
+
+
+def test_plateau_schedule_follows_the_monitored_metric() -> None:
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    main = make_scheduler(
+        optimizer, name="plateau", epochs=10, gamma=0.5, plateau_patience=1, plateau_mode="max"
+    )
+    schedule = LRSchedule(optimizer, main)
+    lrs = []
+    for epoch, accuracy in enumerate([0.5, 0.6, 0.6, 0.6, 0.7], start=1):
+        lrs.append(schedule.epoch_start(epoch))
+        optimizer.step()
+        schedule.epoch_end(epoch, monitored=accuracy)
+    lrs.append(schedule.epoch_start(6))
+    # two epochs without improvement (patience 1) halve the lr once
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05, 0.05])
 
 
 def test_resolve_device() -> None:
@@ -405,6 +434,64 @@ def test_train_one_epoch_visits_each_index_once_in_a_seeded_random_order() -> No
     assert first != indices.tolist(), "shuffled"
     assert seen_order(0, indices) == first
     assert seen_order(1, indices) != first
+
+
+def test_gradient_accumulation_equals_one_larger_batch() -> None:
+    """Plain SGD: two accumulated batches of 4 make the same step as one batch of 8."""
+    images, targets = separable_dataset(n=8)
+    params = []
+    for batch_size, accumulate in ((8, 1), (4, 2)):
+        model = linear_model(seed=1)
+        steps: list[int] = []
+        train_one_epoch(
+            model,
+            nn.CrossEntropyLoss(),
+            torch.optim.SGD(model.parameters(), lr=0.5),
+            images,
+            targets,
+            torch.arange(8),
+            batch_size=batch_size,
+            preprocessing=GRAY,
+            device=CPU,
+            generator=torch.Generator().manual_seed(0),
+            augment=None,
+            on_batch=lambda _batch, _batches: None,
+            accumulate_steps=accumulate,
+            on_optimizer_step=lambda steps=steps: steps.append(1),
+        )
+        assert len(steps) == 1
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(
+        params[0], torch.cat([p.detach().flatten() for p in linear_model(seed=1).parameters()])
+    )
+    torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("accumulate", "expected_steps"), [(1, 3), (2, 2), (3, 1), (5, 1)])
+def test_accumulation_steps_once_per_group_and_after_the_last_batch(
+    accumulate: int, expected_steps: int
+) -> None:
+    images, targets = separable_dataset(n=10)
+    model = linear_model()
+    steps: list[int] = []
+    train_one_epoch(
+        model,
+        nn.CrossEntropyLoss(),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        images,
+        targets,
+        torch.arange(10),
+        batch_size=4,  # batches of 4, 4, 2
+        preprocessing=GRAY,
+        device=CPU,
+        generator=torch.Generator().manual_seed(0),
+        augment=None,
+        on_batch=lambda _batch, _batches: None,
+        accumulate_steps=accumulate,
+        on_optimizer_step=lambda: steps.append(1),
+    )
+    assert len(steps) == expected_steps
+    assert all(p.grad is None for p in model.parameters()), "no gradient is left over for the next epoch"
 
 
 def test_train_one_epoch_applies_the_augmentation_to_unit_range_floats() -> None:

@@ -92,14 +92,14 @@ def test_formats_outside_the_allow_list_are_refused(fmt: str, mode: str) -> None
 def test_pixel_count_over_max_pixels_is_refused_quickly() -> None:
     data = image_bytes((100, 100))
     started = time.perf_counter()
-    with pytest.raises(ImageDecodeError, match="too large"):
+    with pytest.raises(ImageDecodeError, match=r"^image too large"):
         decode_image(data, max_pixels=1000)
     assert time.perf_counter() - started < 1.0
 
 
 def test_pixel_count_just_over_max_pixels_is_refused() -> None:
     # between max_pixels and 2 x max_pixels Pillow only warns; decode_image must still refuse
-    with pytest.raises(ImageDecodeError, match="too large"):
+    with pytest.raises(ImageDecodeError, match=r"^image too large"):
         decode_image(image_bytes((40, 30)), max_pixels=1000)
 
 
@@ -111,7 +111,7 @@ def test_header_claiming_billions_of_pixels_is_refused_without_decoding() -> Non
     data = png_declaring(60_000, 60_000)
     assert len(data) < 100
     started = time.perf_counter()
-    with pytest.raises(ImageDecodeError, match="too large"):
+    with pytest.raises(ImageDecodeError, match=r"^image too large"):
         decode_image(data)
     assert time.perf_counter() - started < 1.0
 
@@ -299,6 +299,19 @@ def test_float_image_in_unit_range_is_scaled() -> None:
     image = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32))
     assert image.mode == "F"
     assert to_uint8(image, prep(size=4, channels=1)).unique().tolist() == [127]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG: _to_8bit multiplies a mode-F image by 255 only when its max is <= 1.0, so an image "
+    "peaking at 1.0 turns white and one peaking at 1.01 almost black",
+)
+def test_float_scaling_does_not_depend_on_the_image_content() -> None:
+    p = prep(size=4, channels=1)
+    at_one = to_uint8(Image.fromarray(np.full((4, 4), 1.0, dtype=np.float32)), p)
+    just_over = to_uint8(Image.fromarray(np.full((4, 4), 1.01, dtype=np.float32)), p)
+    assert abs(int(at_one.max()) - int(just_over.max())) <= 3
 
 
 # ---------------------------------------------------------------- normalize / eval_input
