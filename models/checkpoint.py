@@ -33,7 +33,13 @@ def read_metadata(data: bytes) -> dict[str, Any]:
     raw = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
     if raw is None:
         raise ValueError("safetensors file carries no trainserve metadata")
-    return dict(json.loads(raw))
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError("trainserve metadata is not JSON") from None
+    if not isinstance(meta, dict):
+        raise ValueError("trainserve metadata is not a JSON object")
+    return meta
 
 
 def bytes_to_state_dict(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

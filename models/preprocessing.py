@@ -5,7 +5,6 @@ so serving can never drift from what the model was evaluated with."""
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -62,15 +61,13 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
     if not data:
         raise ImageDecodeError("empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            if max_pixels is not None and image.width * image.height > max_pixels:
-                raise ImageDecodeError(
-                    f"image too large: {image.width}x{image.height} pixels is over the limit of {max_pixels}"
-                )
-            image.load()  # decodes every byte: catches truncated files that open() alone accepts
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise ImageDecodeError(
+                f"image too large: {image.width}x{image.height} pixels is over the limit of {max_pixels}"
+            )
+        image.load()  # decodes every byte: catches truncated files that open() alone accepts
+    except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"image too large: {exc}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(
@@ -107,8 +104,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         return Image.fromarray(np.clip(array >> 8, 0, 255).astype(np.uint8))
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if array.max() <= 1.0 else 1.0
-        return Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8))
+        return Image.fromarray(np.clip(array * 255.0, 0, 255).astype(np.uint8))  # floats are [0, 1]
     return image
 
 

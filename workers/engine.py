@@ -70,9 +70,8 @@ def resolve_device(setting: str) -> torch.device:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on weights only: decaying norms and biases hurts and is not what papers do."""
     decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    for parameter in model.parameters():  # frozen ones too: they rejoin training when unfrozen
+        (no_decay if parameter.ndim <= 1 else decay).append(parameter)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -45,7 +45,7 @@ def _common_root(paths: list[tuple[str, ...]]) -> int:
     strip = 0
     while paths and all(len(p) > strip + 2 for p in paths):
         first = paths[0][strip]
-        if first in SPLIT_ALIASES or any(p[strip] != first for p in paths):
+        if first.lower() in SPLIT_ALIASES or any(p[strip] != first for p in paths):
             break
         strip += 1
     return strip

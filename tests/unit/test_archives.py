@@ -304,12 +304,6 @@ def test_encrypted_member_is_rejected() -> None:
     assert rejected_names(result) == {"cat/secret.png"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: _common_root compares the first folder with SPLIT_ALIASES case-sensitively while the "
-    "split itself is matched with .lower(), so a zip holding only 'Train/<class>/…' loses its split",
-)
 @pytest.mark.parametrize("folder", ["Train", "TRAIN"])
 def test_a_single_capitalised_split_folder_is_a_split(folder: str) -> None:
     uploads, _ = read(

@@ -150,12 +150,6 @@ def test_read_metadata_rejects_trainserve_metadata_that_is_not_json() -> None:
         read_metadata(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="BUG: read_metadata returns dict(json.loads(raw)): trainserve metadata that is JSON but not an "
-    "object raises TypeError instead of ValueError",
-)
 @pytest.mark.parametrize("raw", ["1", "null", "true"])
 def test_read_metadata_rejects_trainserve_metadata_that_is_not_an_object(raw: str) -> None:
     data = save_safetensors({"w": torch.zeros(1)}, metadata={METADATA_KEY: raw})

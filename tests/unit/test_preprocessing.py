@@ -301,12 +301,6 @@ def test_float_image_in_unit_range_is_scaled() -> None:
     assert to_uint8(image, prep(size=4, channels=1)).unique().tolist() == [127]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: _to_8bit multiplies a mode-F image by 255 only when its max is <= 1.0, so an image "
-    "peaking at 1.0 turns white and one peaking at 1.01 almost black",
-)
 def test_float_scaling_does_not_depend_on_the_image_content() -> None:
     p = prep(size=4, channels=1)
     at_one = to_uint8(Image.fromarray(np.full((4, 4), 1.0, dtype=np.float32)), p)
