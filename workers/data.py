@@ -29,12 +29,12 @@ class ImageRecord:
     mode: str
 
 
-def list_images(session: Session, dataset_id: int) -> list[ImageRecord]:
-    rows = session.execute(
-        select(Image.id, Image.label, Image.split, Image.mode)
-        .where(Image.dataset_id == dataset_id)
-        .order_by(Image.id)
-    ).all()
+def list_images(session: Session, dataset_id: int, *, max_id: int | None = None) -> list[ImageRecord]:
+    """The dataset's images in upload order; `max_id` pins the set a job's first attempt saw."""
+    query = select(Image.id, Image.label, Image.split, Image.mode).where(Image.dataset_id == dataset_id)
+    if max_id is not None:
+        query = query.where(Image.id <= max_id)
+    rows = session.execute(query.order_by(Image.id)).all()
     return [ImageRecord(id=r.id, label=r.label, split=r.split, mode=r.mode) for r in rows]
 
 

@@ -178,6 +178,10 @@ class LRSchedule:
     def state_dict(self) -> dict[str, Any]:
         return {"main": self.main.state_dict() if self.main is not None else None}
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.main is not None and state["main"] is not None:
+            self.main.load_state_dict(state["main"])
+
 
 def random_affine(
     batch: torch.Tensor,

@@ -39,6 +39,7 @@ from workers.engine import (
     resolve_device,
     train_one_epoch,
 )
+from workers.resume import TrainingState
 from workers.splits import stratified_split
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,11 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         job = session.get(TrainingJob, lease.job_id)
         assert job is not None
         spec = JobSpec.model_validate(job.spec)
-        records = list_images(session, spec.dataset_id)
+        previous_info = dict(job.info or {})
+        # Every attempt trains on the images the first one saw, even if more were uploaded since.
+        cutoff = previous_info.get("image_cutoff_id")
+        records = list_images(session, spec.dataset_id, max_id=cutoff)
+        resume_from = queue.last_checkpoint(session, lease.job_id)
 
     classes = sorted({record.label for record in records})
     if len(classes) < 2:
@@ -182,8 +187,11 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
     )
     device = resolve_device(settings.device)
     autocast_dtype, use_scaler = resolve_precision(spec.mixed_precision, device)
+    resume_epoch = resume_from.epoch if resume_from is not None else 0
     with session_scope(settings) as session:
-        queue.start_attempt(session, lease, classes=classes, split_sizes=split_sizes)
+        queue.start_attempt(
+            session, lease, classes=classes, split_sizes=split_sizes, resume_epoch=resume_epoch
+        )
     log.info(
         "job %s: %d images, %d classes, splits %s", lease.job_id, len(records), len(classes), split_sizes
     )
@@ -204,7 +212,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
     model = build_model(
         spec.model, num_classes=len(classes), in_channels=channels, image_size=preprocessing.image_size
     )
-    init_report = initialise(model, spec, settings)
+    init_report = previous_info.get("init", {}) if resume_from else initialise(model, spec, settings)
     model.to(device)
     optimizer = make_optimizer(
         model,
@@ -265,6 +273,8 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         "class_weights": weights.tolist() if weights is not None else None,
         "init": init_report,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "image_cutoff_id": max((r.id for r in records), default=0),
+        "resumed_from_epoch": resume_epoch or None,
     }
     with session_scope(settings) as session:
         queue.set_job_info(session, lease, info=job_info)
@@ -281,9 +291,21 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
     tracker = EarlyStopping(
         mode=spec.monitor_mode, patience=spec.early_stopping_patience, min_delta=spec.min_delta
     )
+    state = TrainingState(
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        tracker=tracker,
+        generator=generator,
+        scaler=scaler,
+        ema=ema,
+    )
+    if resume_from is not None:
+        state.restore(resume_from.weights)
+        log.info("job %s: resuming after epoch %d", lease.job_id, resume_epoch)
     stop_reason = f"completed {spec.epochs} epochs"
 
-    for epoch in range(1, spec.epochs + 1):
+    for epoch in range(resume_epoch + 1, spec.epochs + 1):
         lr = schedule.epoch_start(epoch)
         if spec.freeze_epochs:
             set_backbone_trainable(model, spec.model, trainable=epoch > spec.freeze_epochs)
@@ -373,6 +395,17 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
                     meta=meta,
                     weights=state_dict_to_bytes(evaluated.state_dict(), meta),
                 )
+            # In the same transaction as the metrics row: a resumed job never repeats or skips an epoch.
+            queue.store_checkpoint(
+                session,
+                lease,
+                kind=CheckpointKind.last,
+                epoch=epoch,
+                metric=spec.monitor,
+                value=value,
+                meta={"job_id": lease.job_id, "epoch": epoch},
+                weights=state.save(epoch=epoch, meta={"job_id": lease.job_id}),
+            )
         log.info(
             "job %s epoch %d/%d: train loss %.4f acc %.4f, val loss %.4f acc %.4f%s",
             lease.job_id,

@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from app.db.tables import (
     Checkpoint,
@@ -110,16 +110,35 @@ def heartbeat(session: Session, lease: Lease, *, progress: dict[str, Any] | None
     return job.cancel_requested
 
 
-def start_attempt(session: Session, lease: Lease, *, classes: list[str], split_sizes: dict[str, int]) -> None:
-    """Record what the job trains on; an attempt starts from scratch, so drop an earlier one's results."""
+def last_checkpoint(session: Session, job_id: int) -> Checkpoint | None:
+    """The resumable state stored after the job's last finished epoch, if any."""
+    return session.scalar(
+        select(Checkpoint)
+        .options(undefer(Checkpoint.weights))
+        .where(Checkpoint.job_id == job_id, Checkpoint.kind == CheckpointKind.last)
+    )
+
+
+def start_attempt(
+    session: Session,
+    lease: Lease,
+    *,
+    classes: list[str],
+    split_sizes: dict[str, int],
+    resume_epoch: int = 0,
+) -> None:
+    """Record what the job trains on. A fresh start drops an earlier attempt's results; a resumed one
+    keeps epochs 1..resume_epoch and the best checkpoint so far, and drops anything after."""
     job = _owned_job(session, lease)
     job.classes = classes
     job.split_sizes = split_sizes
-    job.best_epoch = job.best_metric = job.best_value = None
-    job.info = {}
-    session.execute(delete(EpochMetric).where(EpochMetric.job_id == lease.job_id))
-    session.execute(delete(Checkpoint).where(Checkpoint.job_id == lease.job_id))
+    session.execute(
+        delete(EpochMetric).where(EpochMetric.job_id == lease.job_id, EpochMetric.epoch > resume_epoch)
+    )
     session.execute(delete(Evaluation).where(Evaluation.job_id == lease.job_id))
+    if resume_epoch == 0:
+        job.best_epoch = job.best_metric = job.best_value = None
+        session.execute(delete(Checkpoint).where(Checkpoint.job_id == lease.job_id))
 
 
 def set_job_info(session: Session, lease: Lease, *, info: dict[str, Any]) -> None:

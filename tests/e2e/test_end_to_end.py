@@ -43,7 +43,7 @@ def server(tmp_path: Path) -> Iterator[tuple[httpx.Client, subprocess.Popen[byte
             [sys.executable, "-m", "app.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # a loaded 2-core CI machine starts torch slowly
     while True:
         try:
             if client.get("/health").status_code == 200:
