@@ -140,3 +140,31 @@ def test_sigterm_requeues_the_job_and_exits_within_seconds(
     job = api.get(f"/jobs/{job_id}").json()
     assert job["status"] == "succeeded"
     assert [r["epoch"] for r in api.get(f"/jobs/{job_id}/metrics").json()["epochs"]] == [1, 2, 3, 4]
+
+
+def test_zombie_worker_that_lost_its_lease_writes_nothing(
+    api: TestClient, fault_settings: Settings, tmp_path: Path
+) -> None:
+    job_id = submit_slow_job(api, epochs=5)
+    zombie = start_worker(fault_settings, tmp_path / "zombie.log")
+    successor: subprocess.Popen[bytes] | None = None
+    try:
+        wait_until(lambda: api.get(f"/jobs/{job_id}").json()["progress"].get("epoch") == 2)
+        zombie.send_signal(signal.SIGSTOP)  # paused past its lease, like a VM freeze or a GC stall
+        successor = start_worker(fault_settings, tmp_path / "successor.log")
+        wait_until(lambda: api.get(f"/jobs/{job_id}").json()["attempts"] == 2)
+        wait_until(lambda: api.get(f"/jobs/{job_id}").json()["progress"].get("phase") == "training")
+        zombie.send_signal(signal.SIGCONT)
+        wait_until(lambda: "no longer held" in (tmp_path / "zombie.log").read_text(), timeout=60)
+        wait_until(lambda: api.get(f"/jobs/{job_id}").json()["status"] in {"succeeded", "failed"})
+    finally:
+        for process in (zombie, successor):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.terminate()
+                process.wait(timeout=30)
+    job = api.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2
+    assert [r["epoch"] for r in api.get(f"/jobs/{job_id}/metrics").json()["epochs"]] == [1, 2, 3, 4, 5]
+    assert "abandoning it" in (tmp_path / "zombie.log").read_text()
