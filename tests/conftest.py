@@ -17,7 +17,8 @@ from app.db.session import dispose_engines
 from app.main import create_app
 from migrations import upgrade_to_head
 
-POSTGRES_URL_ENV = "TRAINSERVE_TEST_POSTGRES_URL"
+# A PostgreSQL server URL (the database named in it is only used to create a fresh one per test).
+POSTGRES_URL_ENV = "TRAINSERVE_TEST_DATABASE_URL"
 
 
 def make_settings(database_url: str, **overrides: object) -> Settings:
@@ -48,9 +49,19 @@ def sqlite_url(tmp_path: Path) -> str:
     return url
 
 
+# The API, worker and service tests run on SQLite always, and on PostgreSQL too when it is configured.
+DATABASES = ["sqlite", "postgresql"] if os.environ.get(POSTGRES_URL_ENV) else ["sqlite"]
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request: pytest.FixtureRequest) -> str:
+    fixture = "sqlite_url" if request.param == "sqlite" else "postgres_url"
+    return str(request.getfixturevalue(fixture))
+
+
 @pytest.fixture
-def settings(sqlite_url: str) -> Settings:
-    return make_settings(sqlite_url)
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)
 
 
 @pytest.fixture

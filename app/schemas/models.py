@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class ModelRead(BaseModel):
@@ -13,3 +13,6 @@ class ModelRead(BaseModel):
     std: list[float]
     source: str
     description: str
+    pretrained_weights: str | None = Field(
+        description="torchvision weights used by `init: pretrained` (read from the local torch cache)."
+    )

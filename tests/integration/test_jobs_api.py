@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -132,7 +133,7 @@ def test_cancel_queued_job_at_once(client: TestClient, settings: Settings) -> No
     assert client.get(f"/jobs/{job['id']}").json()["status"] == "cancelled"
 
 
-def test_worker_trains_a_job_to_the_end(client: TestClient, settings: Settings) -> None:
+def test_worker_trains_a_job_to_the_end(client: TestClient, settings: Settings, tmp_path: Path) -> None:
     dataset_id = upload_digits(client, per_class=30, classes=4)
     job = submit(client, dataset_id=dataset_id, model="simple_cnn", epochs=3, batch_size=32)
     serve(settings, once=True)
@@ -163,9 +164,8 @@ def test_worker_trains_a_job_to_the_end(client: TestClient, settings: Settings) 
     checkpoint = client.get(f"/jobs/{job['id']}/checkpoint")
     assert checkpoint.status_code == 200
     assert checkpoint.headers["content-disposition"].endswith('.safetensors"')
-    path = client.app.state.settings.database_url.removeprefix("sqlite:///") + ".ckpt"  # type: ignore[attr-defined]
-    with open(path, "wb") as handle:
-        handle.write(checkpoint.content)
+    path = tmp_path / "best.safetensors"
+    path.write_bytes(checkpoint.content)
     with safe_open(path, framework="pt") as weights:
         assert "classifier.5.weight" in weights.keys()  # noqa: SIM118
         assert '"classes": ["0", "1", "2", "3"]' in weights.metadata()["trainserve"]

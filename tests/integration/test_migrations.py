@@ -1,6 +1,6 @@
 """`trainserve migrate` as a real process, and the ORM metadata against what the migrations build.
 
-SQLite always; PostgreSQL where TRAINSERVE_TEST_POSTGRES_URL is set (the `postgres` params skip otherwise).
+SQLite always; PostgreSQL where TRAINSERVE_TEST_DATABASE_URL is set (the `postgres` params skip otherwise).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from migrations import alembic_config, current_revision, upgrade_to_head
 
 ROOT = Path(__file__).resolve().parents[2]
 ORM_TABLES = frozenset(Base.metadata.tables)
-POSTGRES_URL_ENV = "TRAINSERVE_TEST_POSTGRES_URL"
+POSTGRES_URL_ENV = "TRAINSERVE_TEST_DATABASE_URL"
 
 
 def head_revision() -> str:

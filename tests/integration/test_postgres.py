@@ -1,6 +1,6 @@
 """The API and the job queue on PostgreSQL, and the queue's concurrency guarantees on both databases.
 
-The `postgres` cases skip unless TRAINSERVE_TEST_POSTGRES_URL is set (CI sets it).
+The `postgres` cases skip unless TRAINSERVE_TEST_DATABASE_URL is set (CI sets it).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ def list_models() -> list[ModelRead]:
             std=list(info.std),
             source=info.source,
             description=info.description,
+            pretrained_weights=info.weights,
         )
         for info in MODELS.values()
     ]
