@@ -26,9 +26,9 @@ def make_worker_id() -> str:
 
 def run_one(lease: queue.Lease, settings: Settings, shutdown: threading.Event) -> JobStatus | None:
     """Run a claimed job to its end and record the outcome; a failure never escapes to the loop."""
-    reporter = JobReporter(lease, settings, shutdown)
     try:
-        status, reason = run_training(lease, settings, reporter)
+        with JobReporter(lease, settings, shutdown) as reporter:
+            status, reason = run_training(lease, settings, reporter)
     except queue.LeaseLost as exc:
         log.warning("job %s: %s; abandoning it", lease.job_id, exc)
         return None

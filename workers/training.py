@@ -50,7 +50,12 @@ class JobError(Exception):
 
 
 class JobReporter:
-    """Progress, heartbeats and stop requests for one leased job, written at most once per interval."""
+    """Progress, heartbeats and stop requests for one leased job.
+
+    Progress is written at most once per `progress_interval_seconds` from the training loop; a
+    background thread also heartbeats every `heartbeat_seconds`, so a long validation pass or a
+    checkpoint write never lets the lease run out. Use it as a context manager.
+    """
 
     def __init__(self, lease: queue.Lease, settings: Settings, shutdown: threading.Event) -> None:
         self.lease = lease
@@ -58,7 +63,29 @@ class JobReporter:
         self.shutdown = shutdown
         self.progress: dict[str, Any] = {}
         self.cancel_requested = False
+        self.lease_lost = False
         self._last_write = 0.0
+        self._stop_heartbeat = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, name=f"heartbeat-{lease.job_id}", daemon=True)
+
+    def __enter__(self) -> JobReporter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop_heartbeat.set()
+        self._thread.join()
+
+    def _heartbeat(self) -> None:
+        while not self._stop_heartbeat.wait(self.settings.heartbeat_seconds):
+            try:
+                with session_scope(self.settings) as session:
+                    self.cancel_requested = queue.heartbeat(session, self.lease)
+            except queue.LeaseLost:
+                self.lease_lost = True
+                return
+            except Exception:  # a database hiccup: the next beat, or the training loop, tries again
+                log.warning("job %s: heartbeat failed", self.lease.job_id, exc_info=True)
 
     def update(self, *, force: bool = False, **fields: Any) -> None:
         self.progress.update(fields)
@@ -69,6 +96,8 @@ class JobReporter:
             self._last_write = now
 
     def stop_reason(self) -> str | None:
+        if self.lease_lost:
+            raise queue.LeaseLost(f"job {self.lease.job_id}: the lease was lost (another worker took over)")
         if self.cancel_requested:
             return "cancelled"
         if self.shutdown.is_set():
