@@ -375,7 +375,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
                 on_optimizer_step=schedule.optimizer_step,
             )
         except Stopped as stopped:
-            return _stopped(lease, settings, stopped.reason, epoch - 1)
+            return _stopped(stopped.reason, epoch - 1)
         reporter.update(phase="validating", epoch=epoch)
         val = evaluate(
             evaluated,
@@ -449,7 +449,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         reporter.update(force=True, phase="training", epoch=epoch, fraction=epoch / spec.epochs)
         reason = reporter.stop_reason()
         if reason:
-            return _stopped(lease, settings, reason, epoch)
+            return _stopped(reason, epoch)
         if tracker.should_stop:
             stop_reason = (
                 f"early stopping after epoch {epoch}: {spec.monitor} did not improve for "
@@ -475,7 +475,8 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
     return JobStatus.succeeded, stop_reason
 
 
-def _stopped(lease: queue.Lease, settings: Settings, reason: str, epochs_done: int) -> tuple[JobStatus, str]:
+def _stopped(reason: str, epochs_done: int) -> tuple[JobStatus, str]:
+    """A cancelled job ends; a job stopped by a shutdown goes back to the queue (status queued)."""
     if reason == "cancelled":
         return JobStatus.cancelled, f"cancelled after {epochs_done} epoch(s)"
     return JobStatus.queued, f"worker shut down after {epochs_done} epoch(s)"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, undefer
 
 from app.db.tables import (
@@ -208,17 +208,3 @@ def release_job(session: Session, lease: Lease, *, reason: str) -> None:
     job.status = JobStatus.queued
     job.worker_id = None
     job.progress = {**(job.progress or {}), "phase": "queued", "requeued_because": reason}
-
-
-def release_lease_if_held(session: Session, lease: Lease) -> None:
-    """Best-effort variant of `release_job` for shutdown paths."""
-    session.execute(
-        update(TrainingJob)
-        .where(
-            TrainingJob.id == lease.job_id,
-            TrainingJob.status == JobStatus.running,
-            TrainingJob.worker_id == lease.worker_id,
-            TrainingJob.attempts == lease.attempt,
-        )
-        .values(status=JobStatus.queued, worker_id=None)
-    )
