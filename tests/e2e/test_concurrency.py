@@ -14,22 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import POSTGRES_URL_ENV
 from tests.e2e.test_end_to_end import free_port
 from tests.factories import digits, noise_png
 
 pytestmark = pytest.mark.e2e
-
-BACKENDS = ["sqlite", "postgresql"]
-
-
-@pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'trainserve.db'}"
-    if not os.environ.get(POSTGRES_URL_ENV):
-        pytest.skip(f"{POSTGRES_URL_ENV} is not set")
-    return str(request.getfixturevalue("postgres_url"))
 
 
 def start_up(database_url: str, workers: int, log: Path) -> tuple[subprocess.Popen[bytes], httpx.Client]:

@@ -26,12 +26,12 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes], Path]]:
+def server(tmp_path: Path, database_url: str) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes], Path]]:
     port = free_port()
     log_path = tmp_path / "up.log"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("TRAINSERVE_")},
-        "TRAINSERVE_DATABASE_URL": f"sqlite:///{tmp_path / 'trainserve.db'}",
+        "TRAINSERVE_DATABASE_URL": database_url,
         "TRAINSERVE_PORT": str(port),
         "TRAINSERVE_WORKERS": "1",
         "TRAINSERVE_DEVICE": "cpu",

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def fault_settings(sqlite_url: str) -> Settings:
-    return make_settings(sqlite_url, lease_timeout_seconds=3.0, heartbeat_seconds=0.5)
+def fault_settings(database_url: str) -> Settings:
+    return make_settings(database_url, lease_timeout_seconds=3.0, heartbeat_seconds=0.5)
 
 
 @pytest.fixture
