@@ -199,6 +199,10 @@ def finish_job(
     job.stop_reason = stop_reason
     job.error = error
     job.finished_at = utcnow()
+    # The resumable state has served its purpose once the job is over; the best checkpoint stays.
+    session.execute(
+        delete(Checkpoint).where(Checkpoint.job_id == lease.job_id, Checkpoint.kind == CheckpointKind.last)
+    )
     job.progress = {**(job.progress or {}), "phase": status.value}
 
 

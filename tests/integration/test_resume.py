@@ -98,3 +98,21 @@ def test_images_uploaded_after_the_first_attempt_do_not_change_a_resumed_job(
     assert done["status"] == "succeeded"
     assert done["split_sizes"] == sizes
     assert done["classes"] == ["0", "1"]
+
+
+def test_a_finished_job_keeps_its_best_checkpoint_and_drops_the_resumable_one(
+    client: TestClient, settings: Settings
+) -> None:
+    from sqlalchemy import select
+
+    from app.db.session import read_scope
+    from app.db.tables import Checkpoint
+
+    dataset_id = digits_dataset(client, per_class=10, classes="01")
+    job_id = client.post("/jobs", json={"dataset_id": dataset_id, "model": "simple_cnn", "epochs": 2}).json()[
+        "id"
+    ]
+    serve(settings, once=True)
+    with read_scope(settings) as session:
+        kinds = session.scalars(select(Checkpoint.kind).where(Checkpoint.job_id == job_id)).all()
+    assert [kind.value for kind in kinds] == ["best"]
