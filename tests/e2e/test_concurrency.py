@@ -3,9 +3,6 @@ image is stored, and SQLite never reports `database is locked`."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,48 +11,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_end_to_end import free_port
+from tests.e2e.processes import trainserve_up
 from tests.factories import digits, noise_png
 
 pytestmark = pytest.mark.e2e
 
 
-def start_up(database_url: str, workers: int, log: Path) -> tuple[subprocess.Popen[bytes], httpx.Client]:
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("TRAINSERVE_")},
-        "TRAINSERVE_DATABASE_URL": database_url,
-        "TRAINSERVE_PORT": str(port),
-        "TRAINSERVE_WORKERS": str(workers),
-        "TRAINSERVE_DEVICE": "cpu",
-        "TRAINSERVE_WORKER_POLL_SECONDS": "0.2",
-    }
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "up"], env=env, stdout=handle, stderr=subprocess.STDOUT
-        )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if client.get("/health").status_code == 200:
-                return process, client
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def stack(database_url: str, tmp_path: Path) -> Iterator[tuple[httpx.Client, Path]]:
     log = tmp_path / "up.log"
-    process, client = start_up(database_url, workers=3, log=log)
-    try:
+    with trainserve_up(database_url, log, workers=3) as (client, _process):
         yield client, log
-    finally:
-        client.close()
-        process.terminate()
-        process.wait(timeout=60)
 
 
 def test_three_workers_run_twelve_jobs_exactly_once(stack: tuple[httpx.Client, Path]) -> None:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,56 +11,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e.processes import trainserve_up
 from tests.factories import digits, zip_bytes
 
 pytestmark = pytest.mark.e2e
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def server(tmp_path: Path, database_url: str) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes], Path]]:
-    port = free_port()
     log_path = tmp_path / "up.log"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("TRAINSERVE_")},
-        "TRAINSERVE_DATABASE_URL": database_url,
-        "TRAINSERVE_PORT": str(port),
-        "TRAINSERVE_WORKERS": "1",
-        "TRAINSERVE_DEVICE": "cpu",
-        "TRAINSERVE_WORKER_POLL_SECONDS": "0.2",
-        "TRAINSERVE_PROGRESS_INTERVAL_SECONDS": "0.2",
-    }
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    deadline = time.monotonic() + 120  # a loaded 2-core CI machine starts torch slowly
-    while True:
-        try:
-            if client.get("/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"trainserve up did not start:\n{log_path.read_text()}")
-        time.sleep(0.2)
-    try:
+    with trainserve_up(database_url, log_path) as (client, process):
         yield client, process, log_path
-    finally:
-        client.close()
-        if process.poll() is None:
-            process.terminate()  # `up` passes SIGTERM on to the API and the worker and waits for them
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()  # the children get SIGTERM from the kernel when `up` dies
-                process.wait()
 
 
 def wait_for(client: httpx.Client, job_id: int, statuses: set[str], timeout: float = 300) -> dict:  # type: ignore[type-arg]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +14,7 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.main import create_app
 from tests.conftest import make_settings
+from tests.e2e import processes
 from tests.factories import digits
 
 pytestmark = pytest.mark.e2e
@@ -33,19 +32,12 @@ def api(fault_settings: Settings) -> Iterator[TestClient]:
 
 
 def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("TRAINSERVE_")},
-        "TRAINSERVE_DATABASE_URL": settings.database_url,
-        "TRAINSERVE_DEVICE": "cpu",
-        "TRAINSERVE_WORKER_POLL_SECONDS": "0.2",
-        "TRAINSERVE_PROGRESS_INTERVAL_SECONDS": "0.2",
-        "TRAINSERVE_LEASE_TIMEOUT_SECONDS": str(settings.lease_timeout_seconds),
-        "TRAINSERVE_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
-    }
-    with open(log, "ab") as handle:
-        return subprocess.Popen(
-            [sys.executable, "-m", "workers"], env=env, stdout=handle, stderr=subprocess.STDOUT
-        )
+    return processes.start_worker(
+        settings.database_url,
+        log,
+        TRAINSERVE_LEASE_TIMEOUT_SECONDS=str(settings.lease_timeout_seconds),
+        TRAINSERVE_HEARTBEAT_SECONDS=str(settings.heartbeat_seconds),
+    )
 
 
 def submit_slow_job(client: TestClient, epochs: int) -> int:
