@@ -145,3 +145,16 @@ def test_cancel_running_job_keeps_best_checkpoint(
         "/predict", data={"job_id": job["id"]}, files={"file": ("d.png", samples[0][1], "image/png")}
     )
     assert prediction.status_code == 200
+
+
+def test_what_a_201_created_can_be_read_at_once(
+    server: tuple[httpx.Client, subprocess.Popen[bytes], Path],
+) -> None:
+    """The transaction commits before the response is sent: a client never reads behind its own write."""
+    client, _process, _log = server
+    misses = []
+    for i in range(150):
+        dataset_id = client.post("/datasets", json={"name": f"d{i}"}).json()["id"]
+        if client.get(f"/datasets/{dataset_id}").status_code != 200:
+            misses.append(dataset_id)
+    assert misses == []
