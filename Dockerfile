@@ -2,6 +2,7 @@
 #
 #   docker build -t trainserve .                                                   # PyPI torch (CUDA build, ~6 GB)
 #   docker build -t trainserve --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .   # CPU-only, smaller
+#   podman build --format docker -t trainserve .                                   # podman: keep the HEALTHCHECK
 #
 # Build argument TORCH_INDEX_URL: the package index torch and torchvision are installed from.
 #   empty (default): PyPI's standard Linux wheels, which bundle the CUDA runtime (nvidia-* packages) and
@@ -13,46 +14,58 @@
 # first (docker-compose.yml runs `sh -c "trainserve migrate && exec trainserve api"`), or run `trainserve up`
 # in a single container (migrate + API + workers).
 #
-# Layers: the dependencies (torch: gigabytes) form one layer that changes only when pyproject.toml or
-# TORCH_INDEX_URL does; the project itself is a separate small layer on top, so a source edit rebuilds and
-# re-ships kilobytes, not the whole virtual environment.
+# Stages and caching:
+#   base     python:3.11-slim plus the labels and environment every stage shares.
+#   deps     /opt/venv with every dependency (gigabytes); depends only on pyproject.toml and TORCH_INDEX_URL.
+#   build    the project built into a wheel (the source tree and the build backend stay in this stage).
+#   runtime  FROM deps: the user, the wheel installed into the venv, the settings. Because it extends `deps`
+#            rather than copying /opt/venv out of it, a source edit reuses the dependency layer as it is: no
+#            builder has to checksum gigabytes to find it in the cache, and only kilobytes are re-shipped.
 
 # ---------------------------------------------------------------------------------------------------------
-FROM python:3.11-slim AS builder
+FROM python:3.11-slim AS base
+
+# On every stage, so `podman image prune --filter label=org.opencontainers.image.title=trainserve` finds the
+# project's stale intermediate images too (the container test uses it).
+LABEL org.opencontainers.image.title="trainserve" \
+      org.opencontainers.image.description="REST service that trains image classifiers in a worker process and serves their predictions"
 
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1
+
+# ---------------------------------------------------------------------------------------------------------
+FROM base AS deps
 
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv
 
-WORKDIR /src
-
 # The dependencies, before any source is copied: this layer depends only on pyproject.toml (and the build
 # argument). The list is read from [project].dependencies; torch and torchvision also go to a file of their
 # own, installed first from TORCH_INDEX_URL when it is set (the second install then finds them satisfied).
-# pip compiles the bytecode here, since the runtime image's venv is read-only.
-COPY pyproject.toml ./
+# pip compiles the bytecode here, as root: at run time the venv is read-only.
+COPY pyproject.toml /tmp/deps/pyproject.toml
 ARG TORCH_INDEX_URL=""
-RUN python -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; name = lambda d: re.split(r'[^A-Za-z0-9_.-]', d.strip(), maxsplit=1)[0].lower(); open('requirements.txt', 'w').write(''.join(d + '\n' for d in deps)); open('requirements-torch.txt', 'w').write(''.join(d + '\n' for d in deps if name(d) in ('torch', 'torchvision')))" \
+RUN cd /tmp/deps \
+ && python -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; name = lambda d: re.split(r'[^A-Za-z0-9_.-]', d.strip(), maxsplit=1)[0].lower(); open('requirements.txt', 'w').write(''.join(d + '\n' for d in deps)); open('requirements-torch.txt', 'w').write(''.join(d + '\n' for d in deps if name(d) in ('torch', 'torchvision')))" \
  && pip install --upgrade pip \
  && if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL" -r requirements-torch.txt; fi \
- && pip install -r requirements.txt
-
-# The project itself, as a wheel (its dependencies are all installed above). Building it does not touch
-# /opt/venv, so the runtime stage's copy of the venv stays cached across source edits.
-COPY . .
-RUN pip wheel --no-deps --wheel-dir /wheels .
+ && pip install -r requirements.txt \
+ && rm -rf /tmp/deps
 
 # ---------------------------------------------------------------------------------------------------------
-FROM python:3.11-slim AS runtime
+FROM base AS build
 
-LABEL org.opencontainers.image.title="trainserve" \
-      org.opencontainers.image.description="REST service that trains image classifiers in a worker process and serves their predictions"
+# The project itself, as a wheel; .dockerignore keeps tests, docs and local environments out of the context.
+COPY . /src
+RUN python -m pip wheel --no-deps --wheel-dir /wheels /src
 
-# Non-root user; /data (the SQLite database, caches, anything else the service writes) is its only writable
-# place, and its home directory.
+# ---------------------------------------------------------------------------------------------------------
+FROM deps AS runtime
+
+# Non-root user; /data (the SQLite database, the decoded-image cache, anything else the service writes) is
+# its only writable place, and its home directory.
 RUN groupadd --gid 10001 trainserve \
  && useradd --uid 10001 --gid trainserve --home-dir /data --no-create-home \
             --shell /usr/sbin/nologin trainserve \
@@ -60,20 +73,16 @@ RUN groupadd --gid 10001 trainserve \
  && chown trainserve:trainserve /data \
  && chmod 0750 /data
 
-# The dependencies, then trainserve (packages, migrations), all in /opt/venv and owned by root: read-only for
-# the service's user. Nothing else comes from the builder: no compilers, no pip cache, no build files.
-COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /wheels /tmp/wheels
-RUN PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    /opt/venv/bin/pip install --no-deps --no-index /tmp/wheels/*.whl \
+# trainserve (packages, migrations) into /opt/venv, owned by root: read-only for the service's user.
+COPY --from=build /wheels /tmp/wheels
+RUN pip install --no-deps --no-index /tmp/wheels/*.whl \
  && rm -rf /tmp/wheels \
- && /opt/venv/bin/trainserve --help >/dev/null
+ && trainserve --help >/dev/null
 
-ENV PATH=/opt/venv/bin:$PATH \
-    VIRTUAL_ENV=/opt/venv \
-    PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
+# TRAINSERVE_CACHE_DIR: the workers' decoded-image cache, on the volume so it survives a restart.
+ENV PYTHONDONTWRITEBYTECODE=1 \
     TRAINSERVE_DATABASE_URL=sqlite:////data/trainserve.db \
+    TRAINSERVE_CACHE_DIR=/data/cache \
     TRAINSERVE_HOST=0.0.0.0 \
     TRAINSERVE_PORT=8000
 
@@ -91,5 +100,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
 
 STOPSIGNAL SIGTERM
 
-# Exec form: trainserve is the container's main process and receives SIGTERM itself.
+# Exec form: trainserve is the container's main process and receives SIGTERM itself (the API and the worker
+# both handle it; compose adds `init: true` so a minimal init also reaps any orphaned children).
 CMD ["trainserve", "api"]

@@ -35,5 +35,11 @@ format: $(VENV)/.installed-test
 test: lint
 	$(BIN)/python -m pytest
 
+# The image, docker-compose.yml and a model trained inside containers, with podman (tests/container/).
+# Skips, saying why, where podman or podman-compose is not installed.
+.PHONY: test-container
+test-container: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests/container -v -s
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache *.egg-info

@@ -20,6 +20,17 @@ from migrations import upgrade_to_head
 # A PostgreSQL server URL (the database named in it is only used to create a fresh one per test).
 POSTGRES_URL_ENV = "TRAINSERVE_TEST_DATABASE_URL"
 
+# The container test builds a multi-gigabyte image: `make test-container` runs it by naming the directory;
+# a plain `pytest` (`make test`) leaves it out.
+CONTAINER_TESTS = Path(__file__).parent / "container"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if collection_path != CONTAINER_TESTS:
+        return None
+    named = (Path(arg.split("::")[0]).resolve() for arg in config.args)
+    return None if any(path.is_relative_to(CONTAINER_TESTS) for path in named) else True
+
 
 def make_settings(database_url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {

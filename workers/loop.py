@@ -11,6 +11,8 @@ import time
 import traceback
 from types import FrameType
 
+from sqlalchemy.exc import DBAPIError
+
 from app.core.config import Settings, get_settings
 from app.db.session import read_scope, session_scope
 from app.db.tables import JobStatus
@@ -76,12 +78,30 @@ def serve(settings: Settings, *, once: bool = False, shutdown: threading.Event |
     worker_id = make_worker_id()
     log.info("worker %s serving %s", worker_id, settings.database_url.split("@")[-1])
     last_recovery = float("-inf")
+    database_ready = True
     while not shutdown.is_set():
         # Looking for stale jobs takes a write lock: do it once per heartbeat interval, not every poll.
         recover = time.monotonic() - last_recovery >= settings.heartbeat_seconds
         if recover:
             last_recovery = time.monotonic()
-        lease = claim(settings, worker_id, recover_stale=recover)
+        try:
+            lease = claim(settings, worker_id, recover_stale=recover)
+        except DBAPIError as exc:
+            # The database may not be up or migrated yet: containers start together, and not every tool
+            # waits for the API's migrations (podman-compose with Podman < 4.6 ignores the health
+            # condition). A serving worker waits for it rather than exit; the error is logged once per
+            # outage. A run-once worker (scripts, tests) fails at once instead.
+            if once:
+                raise
+            if database_ready:
+                log.warning("worker %s: database not ready, retrying: %s", worker_id, str(exc).splitlines()[0])
+            database_ready = False
+            last_recovery = float("-inf")
+            shutdown.wait(settings.worker_poll_seconds)
+            continue
+        if not database_ready:
+            log.info("worker %s: database ready", worker_id)
+            database_ready = True
         if lease is None:
             if once:
                 return 0
