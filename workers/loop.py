@@ -94,7 +94,9 @@ def serve(settings: Settings, *, once: bool = False, shutdown: threading.Event |
             if once:
                 raise
             if database_ready:
-                log.warning("worker %s: database not ready, retrying: %s", worker_id, str(exc).splitlines()[0])
+                log.warning(
+                    "worker %s: database not ready, retrying: %s", worker_id, str(exc).splitlines()[0]
+                )
             database_ready = False
             last_recovery = float("-inf")
             shutdown.wait(settings.worker_poll_seconds)

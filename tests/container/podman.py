@@ -33,13 +33,14 @@ def run(
     )
     if check and result.returncode != 0:
         raise AssertionError(
-            f"{' '.join(args)} exited with {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            f"{' '.join(args)} exited with {result.returncode}:\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         )
     return result
 
 
 def build_image(log: Path, timeout: float = 1800) -> float:
-    """`podman build --format docker` (the OCI format would drop the HEALTHCHECK); returns the seconds taken."""
+    """`podman build --format docker` (the OCI format would drop the HEALTHCHECK); returns its seconds."""
     started = time.monotonic()
     with open(log, "w") as handle:
         result = subprocess.run(
@@ -110,7 +111,9 @@ class ComposeProject:
         return sorted(run(args, timeout=60).stdout.split())
 
     def hostname(self, container: str) -> str:
-        return run(["podman", "inspect", "--format", "{{.Config.Hostname}}", container], timeout=60).stdout.strip()
+        return run(
+            ["podman", "inspect", "--format", "{{.Config.Hostname}}", container], timeout=60
+        ).stdout.strip()
 
     def wait_healthy(self, timeout: float = 240) -> float:
         """Run the api container's own health check until it passes (Podman 4.3 schedules health checks
@@ -124,7 +127,9 @@ class ComposeProject:
             state = run(["podman", "inspect", "--format", "{{.State.Status}}", api], timeout=30).stdout
             if time.monotonic() > deadline:
                 logs = run(["podman", "logs", api], timeout=30, check=False)
-                raise AssertionError(f"api not healthy after {timeout}s ({state.strip()}):\n{logs.stderr[-3000:]}")
+                raise AssertionError(
+                    f"api not healthy after {timeout}s ({state.strip()}):\n{logs.stderr[-3000:]}"
+                )
             time.sleep(1)
 
     def logs(self, container: str) -> str:

@@ -1,5 +1,5 @@
-"""The deployment as users run it: the image built from the Dockerfile, docker-compose.yml under podman-compose,
-a model trained inside the worker container, everything surviving `down` and `up`.
+"""The deployment as users run it: the image built from the Dockerfile, docker-compose.yml under
+podman-compose, a model trained inside the worker container, everything surviving `down` and `up`.
 
 Run by `make test-container` (not by `make test`: the image is gigabytes). Skipped where podman is absent.
 """
@@ -51,6 +51,30 @@ def step(message: str, started: float) -> None:
     print(f"[container test {time.monotonic() - started:6.1f}s] {message}", flush=True)
 
 
+# Run inside the image as its default user: who am I, who owns the code, where can I write?
+PROBE = """
+import json, os, pathlib
+import app, workers
+
+package = pathlib.Path(app.__file__).parent
+result = {
+    "uid": os.getuid(),
+    "gid": os.getgid(),
+    "package": str(package),
+    "package_owner": package.stat().st_uid,
+    "workers_owner": pathlib.Path(workers.__file__).stat().st_uid,
+}
+targets = {"app": package, "venv": pathlib.Path("/opt/venv"), "data": pathlib.Path("/data")}
+for name, directory in targets.items():
+    try:
+        (directory / "probe.txt").write_text("x")
+        result[name] = "written"
+    except OSError as exc:
+        result[name] = type(exc).__name__
+print(json.dumps(result))
+"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -72,7 +96,9 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def project(tmp_path: Path) -> Iterator[ComposeProject]:
     env_file = tmp_path / "settings.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in TEST_SETTINGS.items()))
-    compose = ComposeProject(name=f"trainserve-test-{uuid.uuid4().hex[:8]}", port=free_port(), env_file=env_file)
+    compose = ComposeProject(
+        name=f"trainserve-test-{uuid.uuid4().hex[:8]}", port=free_port(), env_file=env_file
+    )
     try:
         yield compose
     finally:
@@ -92,19 +118,7 @@ def test_image_runs_as_non_root_with_read_only_application(image: str) -> None:
     assert any("/health" in part for part in healthcheck.get("Test", [])), config
     assert "/data" in config["Config"]["Volumes"]
 
-    probe = (
-        "import json, os, pathlib, app, workers;"
-        "package = pathlib.Path(app.__file__).parent;"
-        "result = {'uid': os.getuid(), 'gid': os.getgid(), 'package': str(package),"
-        " 'package_owner': package.stat().st_uid, 'workers_owner': pathlib.Path(workers.__file__).stat().st_uid};"
-        "attempts = {'app': package / 'written.txt', 'venv': pathlib.Path('/opt/venv/written.txt'),"
-        " 'data': pathlib.Path('/data/written.txt')};"
-        "\nfor name, path in attempts.items():\n"
-        "    try:\n        path.write_text('x'); result[name] = 'written'\n"
-        "    except OSError as exc:\n        result[name] = type(exc).__name__\n"
-        "print(json.dumps(result))"
-    )
-    out = run(["podman", "run", "--rm", image, "python", "-c", probe], timeout=120).stdout
+    out = run(["podman", "run", "--rm", image, "python", "-c", PROBE], timeout=120).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["uid"] == 10001 and result["gid"] == 10001, result
     assert result["package_owner"] == 0 and result["workers_owner"] == 0, result
@@ -171,7 +185,8 @@ def test_compose_trains_in_the_worker_and_keeps_everything_across_down_and_up(
     metrics = client.get(f"/jobs/{job['id']}/metrics").json()
     assert [row["epoch"] for row in metrics["epochs"]] == [1, 2]
     assert metrics["epochs"][-1]["val_acc"] > 0.5, metrics  # chance is 0.1
-    step(f"trained simple_cnn 2 epochs in the worker container: val_acc {metrics['epochs'][-1]['val_acc']:.3f}", started)
+    val_acc = metrics["epochs"][-1]["val_acc"]
+    step(f"trained simple_cnn for 2 epochs in the worker container: val_acc {val_acc:.3f}", started)
 
     label, image_bytes = samples[7]
     prediction = client.post(
@@ -183,10 +198,13 @@ def test_compose_trains_in_the_worker_and_keeps_everything_across_down_and_up(
     checkpoint = client.get(f"/jobs/{job['id']}/checkpoint")
     assert checkpoint.status_code == 200 and len(checkpoint.content) > 1000
     checkpoint_sha = hashlib.sha256(checkpoint.content).hexdigest()
-    step(f"predicted '{prediction.json()['label']}' for a '{label}'; checkpoint {len(checkpoint.content)} bytes", started)
+    predicted = prediction.json()["label"]
+    step(f"predicted '{predicted}' for a '{label}'; checkpoint {len(checkpoint.content)} bytes", started)
 
     # A long job, running when the project goes down: the worker must hand it back, not be killed.
-    long_job = client.post("/jobs", json={"dataset_id": dataset_id, "model": "simple_cnn", "epochs": 500}).json()
+    long_job = client.post(
+        "/jobs", json={"dataset_id": dataset_id, "model": "simple_cnn", "epochs": 500}
+    ).json()
     deadline = time.monotonic() + 120
     while not client.get(f"/jobs/{long_job['id']}/metrics").json()["epochs"]:
         assert time.monotonic() < deadline, client.get(f"/jobs/{long_job['id']}").json()
