@@ -1,5 +1,18 @@
 """`python -m workers`: one training worker process."""
 
+import logging
+import os
+import sys
+
+from app.db.session import dispose_engines
 from workers.loop import main
 
-raise SystemExit(main())
+code = main()
+# Everything the worker did is committed by now. The interpreter's own teardown (garbage-collecting the
+# module graph of torch, dynamo and triton) would take seconds more on a busy machine, seconds in which a
+# stopping container is still up: close the connections, flush the logs and leave at once.
+dispose_engines()
+logging.shutdown()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)
