@@ -32,8 +32,8 @@ from tests.factories import digits, zip_bytes
 
 if missing_tools():
     pytest.skip(
-        f"container test not run: {' and '.join(missing_tools())} not installed "
-        "(../shared/tools/container-setup installs podman and podman-compose)",
+        f"container test not run: {', '.join(missing_tools())} not installed "
+        "(../shared/tools/container-setup installs both)",
         allow_module_level=True,
     )
 
@@ -83,7 +83,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The image built from the working tree; the project's older images are pruned before and after."""
+    """The image built from the working tree. Once it is built, the project's older images (left dangling by
+    it) are pruned; again at the end."""
     log = tmp_path_factory.mktemp("build") / "build.log"
     seconds = build_image(log)
     print(f"\n[container test] podman build --format docker: {seconds:.1f}s", flush=True)
