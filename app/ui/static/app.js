@@ -285,6 +285,8 @@ async function datasetsPage() {
     cards.length ? h("div", { class: "cards" }, cards) : h("p", { class: "muted", text: "No datasets yet: create one, then drop images or a zip on it." }));
 }
 
+let lastUpload = null; // the summary of the latest upload, shown after the page redraws
+
 async function datasetPage(id) {
   const dataset = await api(`/datasets/${id}`);
   const label = h("input", { placeholder: "class name", id: "upload-label" });
@@ -320,13 +322,18 @@ async function datasetPage(id) {
     }
     if (!summaries.length) return;
     const added = summaries.reduce((a, s) => a + s.added, 0);
-    const dup = summaries.reduce((a, s) => a + s.duplicates, 0);
-    const rejected = summaries.flatMap((s) => s.rejected);
-    result.replaceChildren(
-      h("div", { text: `added ${added}, duplicates ${dup}, rejected ${rejected.length}` }),
-      ...rejected.slice(0, 10).map((r) => h("div", { class: "error", text: `${r.filename}: ${r.reason}` })));
+    lastUpload = {
+      dataset: id, added, duplicates: summaries.reduce((a, s) => a + s.duplicates, 0),
+      rejected: summaries.flatMap((s) => s.rejected),
+    };
     toast(`added ${added} image(s)`);
-    route();
+    route(); // redraw counts and thumbnails; the summary is shown again below the drop zone
+  }
+  if (lastUpload && lastUpload.dataset === id) {
+    const { added, duplicates, rejected } = lastUpload;
+    result.replaceChildren(
+      h("div", { text: `last upload: added ${added}, duplicates ${duplicates}, rejected ${rejected.length}` }),
+      ...rejected.slice(0, 10).map((r) => h("div", { class: "error", text: `${r.filename}: ${r.reason}` })));
   }
 
   const max = Math.max(1, ...dataset.classes.map((c) => c.count));
@@ -361,11 +368,28 @@ async function datasetPage(id) {
       for (const image of images) {
         const img = h("img", { alt: `${c.name}: ${image.filename}`, title: `${image.filename} (${image.width}×${image.height}${image.split ? `, ${image.split}` : ""})`, class: "thumb" });
         row.append(img);
-        blobUrl(`/datasets/${id}/images/${image.id}/thumbnail?size=64`).then((url) => { img.src = url; }).catch(() => {});
+        thumbnail(img, `/datasets/${id}/images/${image.id}/thumbnail?size=64`);
       }
     }));
   }
   await Promise.all(queue);
+}
+
+// A thumbnail into an <img>, retried after a network hiccup; a refused one says why in its tooltip.
+async function thumbnail(img, path) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      img.src = await blobUrl(path);
+      return;
+    } catch (error) {
+      if (error instanceof ApiError || attempt >= 3) {
+        img.classList.add("broken");
+        img.title = `${img.title}: ${error instanceof ApiError ? describe(error.detail) : "not loaded"}`;
+        return;
+      }
+      await sleep(500 * attempt);
+    }
+  }
 }
 
 // ---------------------------------------------------------------- new job form

@@ -37,11 +37,20 @@ export function niceTicks(lo, hi, count = 5) {
   return ticks;
 }
 
-function formatTick(value, format) {
-  if (format === "percent") return `${Math.round(value * 100)}%`;
-  if (format === "exp") return value === 0 ? "0" : value.toExponential(1).replace(".0e", "e");
+function formatTick(value, format, digits = 0) {
+  if (format === "percent") return `${(value * 100).toFixed(digits)}%`;
+  if (format === "exp") return value === 0 ? "0" : value.toExponential(digits);
   if (Math.abs(value) >= 1000) return value.toFixed(0);
-  return String(Number(value.toPrecision(3)));
+  return String(Number(value.toPrecision(3 + digits)));
+}
+
+// Labels for ticks with as few digits as keep neighbours distinct (1e-3, 1.05e-3 — never 1e-3 twice).
+function tickLabels(ticks, format) {
+  for (let digits = 0; digits < 6; digits++) {
+    const labels = ticks.map((t) => formatTick(t, format, digits));
+    if (new Set(labels).size === labels.length) return labels;
+  }
+  return ticks.map((t) => formatTick(t, format, 6));
 }
 
 /**
@@ -107,12 +116,12 @@ export function lineChart(options) {
   const syRaw = (t) => margin.top + plotH - ((t - yLo) / (yHi - yLo || 1)) * plotH;
 
   const grid = el("g", { class: "grid" });
-  for (const t of yTicks) {
+  const labels = options.logY ? tickLabels(yTicks.map((t) => Math.pow(10, t)), "exp") : tickLabels(yTicks, options.yFormat);
+  yTicks.forEach((t, i) => {
     const y = syRaw(t);
     grid.appendChild(el("line", { x1: margin.left, x2: margin.left + plotW, y1: y, y2: y }));
-    const label = options.logY ? formatTick(Math.pow(10, t), "exp") : formatTick(t, options.yFormat);
-    grid.appendChild(el("text", { x: margin.left - 6, y: y + 4, "text-anchor": "end", class: "tick" }, label));
-  }
+    grid.appendChild(el("text", { x: margin.left - 6, y: y + 4, "text-anchor": "end", class: "tick" }, labels[i]));
+  });
   // One tick per epoch, thinned to about ten labels.
   const span = xMax - xMin;
   const every = Math.max(1, Math.ceil(span / 10));
