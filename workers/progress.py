@@ -56,7 +56,11 @@ class ProgressEstimator:
             if images is not None and epoch is not None:
                 mark = self._mark
                 if mark is not None and mark[1] == epoch and images > mark[2] and now > mark[0]:
-                    progress["images_per_second"] = round((images - mark[2]) / (now - mark[0]), 1)
+                    rate = (images - mark[2]) / (now - mark[0])
+                    # Smoothed: a window of one or two batches jumps with every hiccup of a busy machine.
+                    previous = progress.get("images_per_second")
+                    smoothed = rate if previous is None else 0.3 * rate + 0.7 * float(previous)
+                    progress["images_per_second"] = round(smoothed, 1)
                 if mark is None or mark[1] != epoch or images > mark[2]:
                     self._mark = (now, int(epoch), int(images))
 

@@ -174,6 +174,10 @@ def test_estimator_gives_eta_and_throughput_from_the_pace() -> None:
     progress.update(epoch=2, fraction=0.5, images=50)
     estimator.derive(progress)
     assert progress["images_per_second"] == 40.0 and progress["eta_seconds"] == 11.0
+    now[0] = 112.0  # 140 images/s now: the shown rate moves towards it, smoothed
+    progress.update(fraction=0.6, images=190)
+    estimator.derive(progress)
+    assert progress["images_per_second"] == 70.0
 
 
 def test_thumbnails_and_image_listing(client: TestClient) -> None:
