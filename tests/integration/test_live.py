@@ -16,7 +16,9 @@ from PIL import Image
 
 from app.core.config import Settings
 from app.db.session import read_scope, session_scope
+from app.main import create_app
 from app.services import joblogs, queue
+from tests.conftest import make_settings
 from tests.integration.test_jobs_api import submit, upload_digits
 from workers.joblog import JobLogCapture
 from workers.loop import serve
@@ -205,3 +207,12 @@ def test_dashboard_is_served_without_outside_assets(client: TestClient) -> None:
         assert set(URL.findall(response.text)) <= {"http://www.w3.org/2000/svg"}, asset
     assert client.get("/ui/static/nope.js").status_code == 404
     assert client.get("/", follow_redirects=False).headers["location"] == "/ui"
+
+
+def test_with_api_keys_the_page_is_open_but_its_data_is_not(sqlite_url: str) -> None:
+    locked = TestClient(create_app(make_settings(sqlite_url, api_keys="k1")))
+    assert locked.get("/ui").status_code == 200  # static files, no data
+    assert locked.get("/ui/static/app.js").status_code == 200
+    for path in ("/jobs/1/events", "/jobs/1/logs", "/datasets/1/images", "/datasets/1/images/1/thumbnail"):
+        assert locked.get(path).status_code == 401, path
+    assert locked.get("/jobs/1/events", headers={"Authorization": "Bearer k1"}).status_code == 404
