@@ -1,4 +1,5 @@
-"""`trainserve` command line: `up` (everything), `api`, `worker`, `migrate`.
+"""`trainserve` command line: `up` (everything), `api`, `worker`, `migrate`; and the HTTP client commands
+`submit`, `follow`, `jobs`, `logs`, `predict` (app.client), which work against any server (`--url`).
 
 `up` runs the API and the workers as child processes (the API never imports the worker code), passes
 Ctrl-C/SIGTERM on to them and waits until they have all exited.
@@ -151,11 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="bring the database schema up to date")
     migrate.set_defaults(func=cmd_migrate)
+
+    from app.client import commands as client_commands
+
+    client_commands.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func.__module__ == "app.client.commands":
+        from app.client.commands import run
+
+        return run(args)
     configure_logging(get_settings().log_level)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return int(args.func(args))

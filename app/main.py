@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app.api.deps import require_api_key
-from app.api.routes import datasets, health, jobs, models, predict
+from app.api.routes import datasets, events, health, images, jobs, models, predict, ui
 from app.core.config import Settings, get_settings
 from app.core.errors import DomainError
 from app.services.predictions import PredictorCache
@@ -46,4 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for router in (datasets.router, jobs.router, predict.router, models.router):
         app.include_router(router, dependencies=protected)
+    # Live progress, logs and image browsing (issue 10), and the dashboard's static page (no data in it).
+    for router in (events.router, images.router):
+        app.include_router(router, dependencies=protected)
+    ui.mount(app)
     return app

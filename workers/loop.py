@@ -17,6 +17,7 @@ from app.core.config import Settings, get_settings
 from app.db.session import read_scope, session_scope
 from app.db.tables import JobStatus
 from app.services import queue
+from workers.joblog import JobLogCapture
 from workers.training import JobError, JobReporter, run_training
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,16 @@ def make_worker_id() -> str:
 
 
 def run_one(lease: queue.Lease, settings: Settings, shutdown: threading.Event) -> JobStatus | None:
-    """Run a claimed job to its end and record the outcome; a failure never escapes to the loop."""
+    """Run a claimed job to its end and record the outcome; a failure never escapes to the loop.
+    Everything logged meanwhile is stored as the job's log (`GET /jobs/{id}/logs`)."""
+    with JobLogCapture(lease, settings) as capture:
+        return _run_captured(lease, settings, shutdown, capture)
+
+
+def _run_captured(
+    lease: queue.Lease, settings: Settings, shutdown: threading.Event, capture: JobLogCapture
+) -> JobStatus | None:
+    log.info("job %s: claimed by %s (attempt %d)", lease.job_id, lease.worker_id, lease.attempt)
     try:
         with JobReporter(lease, settings, shutdown) as reporter:
             status, reason = run_training(lease, settings, reporter)
@@ -42,6 +52,8 @@ def run_one(lease: queue.Lease, settings: Settings, shutdown: threading.Event) -
     else:
         error = None
 
+    log.info("job %s: ending %s (%s)%s", lease.job_id, status.value, reason, f": {error}" if error else "")
+    capture.flush()  # the job's log is complete before its final status is visible
     try:
         with session_scope(settings) as session:
             if status == JobStatus.queued:
@@ -51,7 +63,6 @@ def run_one(lease: queue.Lease, settings: Settings, shutdown: threading.Event) -
     except queue.LeaseLost as exc:
         log.warning("job %s: %s; its outcome (%s) was not recorded", lease.job_id, exc, status.value)
         return None
-    log.info("job %s: %s (%s)%s", lease.job_id, status.value, reason, f": {error}" if error else "")
     return status
 
 
@@ -109,7 +120,6 @@ def serve(settings: Settings, *, once: bool = False, shutdown: threading.Event |
                 return 0
             shutdown.wait(settings.worker_poll_seconds)
             continue
-        log.info("job %s: claimed (attempt %d)", lease.job_id, lease.attempt)
         run_one(lease, settings, shutdown)
         if once:
             return 0

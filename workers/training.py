@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from dataclasses import replace
 from typing import Any
@@ -39,6 +38,7 @@ from workers.engine import (
     resolve_device,
     train_one_epoch,
 )
+from workers.progress import JobReporter
 from workers.resume import TrainingState
 from workers.splits import stratified_split
 
@@ -47,62 +47,6 @@ log = logging.getLogger(__name__)
 
 class JobError(Exception):
     """A job that cannot run for a reason the user can fix; the message becomes the job's `error`."""
-
-
-class JobReporter:
-    """Progress, heartbeats and stop requests for one leased job.
-
-    Progress is written at most once per `progress_interval_seconds` from the training loop; a
-    background thread also heartbeats every `heartbeat_seconds`, so a long validation pass or a
-    checkpoint write never lets the lease run out. Use it as a context manager.
-    """
-
-    def __init__(self, lease: queue.Lease, settings: Settings, shutdown: threading.Event) -> None:
-        self.lease = lease
-        self.settings = settings
-        self.shutdown = shutdown
-        self.progress: dict[str, Any] = {}
-        self.cancel_requested = False
-        self.lease_lost = False
-        self._last_write = 0.0
-        self._stop_heartbeat = threading.Event()
-        self._thread = threading.Thread(target=self._heartbeat, name=f"heartbeat-{lease.job_id}", daemon=True)
-
-    def __enter__(self) -> JobReporter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop_heartbeat.set()
-        self._thread.join()
-
-    def _heartbeat(self) -> None:
-        while not self._stop_heartbeat.wait(self.settings.heartbeat_seconds):
-            try:
-                with session_scope(self.settings) as session:
-                    self.cancel_requested = queue.heartbeat(session, self.lease)
-            except queue.LeaseLost:
-                self.lease_lost = True
-                return
-            except Exception:  # a database hiccup: the next beat, or the training loop, tries again
-                log.warning("job %s: heartbeat failed", self.lease.job_id, exc_info=True)
-
-    def update(self, *, force: bool = False, **fields: Any) -> None:
-        self.progress.update(fields)
-        now = time.monotonic()
-        if force or now - self._last_write >= self.settings.progress_interval_seconds:
-            with session_scope(self.settings) as session:
-                self.cancel_requested = queue.heartbeat(session, self.lease, progress=dict(self.progress))
-            self._last_write = now
-
-    def stop_reason(self) -> str | None:
-        if self.lease_lost:
-            raise queue.LeaseLost(f"job {self.lease.job_id}: the lease was lost (another worker took over)")
-        if self.cancel_requested:
-            return "cancelled"
-        if self.shutdown.is_set():
-            return "shutdown"
-        return None
 
 
 def _metric_value(name: str, result: EvalResult) -> float:
@@ -347,6 +291,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
                 batch=batch,
                 batches=batches,
                 fraction=((epoch - 1) + batch / batches) / spec.epochs,
+                images=min(batch * spec.batch_size, len(index["train"])),
             )
             reason = reporter.stop_reason()
             if reason:
@@ -446,7 +391,13 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
             val.accuracy,
             " (best)" if improved else "",
         )
-        reporter.update(force=True, phase="training", epoch=epoch, fraction=epoch / spec.epochs)
+        reporter.update(
+            force=True,
+            phase="training",
+            epoch=epoch,
+            fraction=epoch / spec.epochs,
+            images_per_second=round(train.images_per_second, 1),
+        )
         reason = reporter.stop_reason()
         if reason:
             return _stopped(reason, epoch)

@@ -39,6 +39,18 @@ class Settings(BaseSettings):
     progress_interval_seconds: float = Field(default=1.0, gt=0)
     sqlite_busy_timeout_seconds: float = Field(default=30.0, gt=0)
 
+    # Live progress, server-sent events and job logs.
+    events_poll_seconds: float = Field(
+        default=0.5, gt=0, le=60, description="how often a `/jobs/{id}/events` stream polls the database"
+    )
+    events_keepalive_seconds: float = Field(
+        default=15.0, gt=0, description="an SSE comment after this long without an event keeps proxies open"
+    )
+    job_log_max_lines: int = Field(default=2000, ge=1, description="log lines kept per job (oldest dropped)")
+    job_log_max_line_chars: int = Field(default=4000, ge=80, description="longer log lines are truncated")
+    job_log_flush_seconds: float = Field(default=1.0, gt=0, description="worker log lines are batched")
+    job_log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
     # Prediction.
     predict_cache_size: int = Field(default=8, ge=1, description="models kept loaded for /predict")
 

@@ -192,3 +192,18 @@ class Evaluation(Base):
     per_class: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     confusion_matrix: Mapped[list[list[int]]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class JobLog(Base):
+    """A worker's log line for one job, written in batches; `id` orders the lines and resumes streams."""
+
+    __tablename__ = "job_log"
+    __table_args__ = (Index("ix_job_log_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("training_job.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    level: Mapped[str] = mapped_column(String(10))
+    logger: Mapped[str] = mapped_column(String(200))
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

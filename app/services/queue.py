@@ -102,11 +102,12 @@ def _owned_job(session: Session, lease: Lease) -> TrainingJob:
 
 
 def heartbeat(session: Session, lease: Lease, *, progress: dict[str, Any] | None = None) -> bool:
-    """Refresh the lease (and progress); returns True when a cancel was requested."""
+    """Refresh the lease (and progress); returns True when a cancel was requested. Every progress
+    write increases `progress.seq`, which event streams use to resume without missing an update."""
     job = _owned_job(session, lease)
     job.heartbeat_at = utcnow()
     if progress is not None:
-        job.progress = progress
+        job.progress = {**progress, "seq": int((job.progress or {}).get("seq", 0)) + 1}
     return job.cancel_requested
 
 

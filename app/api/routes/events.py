@@ -1,0 +1,101 @@
+"""Following a job live: server-sent events and the worker's log lines."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import SessionDep, SettingsDep
+from app.core.config import Settings
+from app.db.session import read_scope
+from app.schemas.logs import JobLogLine, JobLogsRead
+from app.services import events, joblogs
+from app.services.jobs import get_job
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+_EVENTS_DOC = """Server-sent events (`text/event-stream`) until the job ends:
+
+- `status`: the job as `GET /jobs/{id}` returns it; first on every connection, then on every change;
+- `progress`: the `progress` object (phase, epoch, batch, fraction, eta_seconds, images_per_second);
+- `epoch`: each epoch's metrics row as it lands (as in `GET /jobs/{id}/metrics`);
+- `log`: each worker log line of the job;
+- `evaluation`: the test evaluation (as `GET /jobs/{id}/evaluation`);
+- `end`: the final status; the server then closes the stream.
+
+Every event has an id; reconnect with `Last-Event-ID` (header, or the `last_event_id` query parameter)
+to receive only what came after it. Comment lines keep an idle connection open."""
+
+
+def _poll(settings: Settings, stream: events.Stream) -> list[events.Event]:
+    with read_scope(settings) as session:
+        return events.poll(session, stream)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "an event stream"}},
+    description=_EVENTS_DOC,
+)
+async def job_events(
+    job_id: int,
+    request: Request,
+    settings: SettingsDep,
+    last_event_id: Annotated[str | None, Header(description="Resume after this event id.")] = None,
+    last_event_id_query: Annotated[
+        str | None, Query(alias="last_event_id", description="The same, for clients that cannot set headers.")
+    ] = None,
+) -> StreamingResponse:
+    """Follow a job live: status, progress, epoch rows, log lines and the evaluation, until it ends."""
+    stream = events.Stream(job_id=job_id, cursor=events.Cursor.parse(last_event_id or last_event_id_query))
+    # Unknown job (404) or a bad id (422) is an ordinary JSON error, before any byte is streamed.
+    first = await anyio.to_thread.run_sync(_poll, settings, stream)
+
+    async def body() -> AsyncIterator[str]:
+        yield f"retry: {int(max(settings.events_poll_seconds, 1.0) * 2000)}\n\n"
+        batch = first
+        last_sent = time.monotonic()
+        while True:
+            for event in batch:
+                yield event.encode()
+            if batch:
+                last_sent = time.monotonic()
+            if stream.finished:
+                return
+            if time.monotonic() - last_sent >= settings.events_keepalive_seconds:
+                yield ": keepalive\n\n"
+                last_sent = time.monotonic()
+            await anyio.sleep(settings.events_poll_seconds)
+            if await request.is_disconnected():
+                return
+            batch = await anyio.to_thread.run_sync(_poll, settings, stream)
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/{job_id}/logs", response_model=JobLogsRead)
+def job_logs(
+    job_id: int,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: Annotated[
+        int | None, Query(ge=1, description="Newest lines to return (default and maximum: the kept lines).")
+    ] = None,
+) -> JobLogsRead:
+    """The worker's log lines for this job, newest last (at most `TRAINSERVE_JOB_LOG_MAX_LINES` are kept)."""
+    job = get_job(session, job_id)
+    count = min(limit or settings.job_log_max_lines, settings.job_log_max_lines)
+    lines = joblogs.newest_lines(session, job_id=job_id, limit=count)
+    return JobLogsRead(
+        job_id=job_id, status=job.status.value, lines=[JobLogLine.model_validate(line) for line in lines]
+    )
