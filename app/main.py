@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from app.api.body_limits import BodyLimitMiddleware
 from app.api.deps import require_api_key
-from app.api.routes import datasets, health, jobs, models, predict
+from app.api.routes import datasets, health, jobs, models, predict, weights
 from app.core.config import Settings, get_settings
 from app.core.errors import DomainError
 from app.services.predictions import PredictorCache
@@ -24,7 +26,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.api_keys:
-            log.warning("TRAINSERVE_API_KEYS is not set: the API is OPEN to anyone who can reach it")
+            log.warning(
+                "!!! TRAINSERVE_API_KEYS is not set: the API is OPEN, anyone who can reach it may upload, "
+                "train and download. Set TRAINSERVE_API_KEYS=<key>[,<key>...] to require a bearer key. !!!"
+            )
+        else:
+            # How many, never which: keys are not logged anywhere.
+            count = len(settings.api_keys)
+            log.info("API keys required on every endpoint but /health and the docs (%d key(s))", count)
         yield
 
     app = FastAPI(
@@ -44,6 +53,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     protected = [Depends(require_api_key)]
     app.include_router(health.router)
-    for router in (datasets.router, jobs.router, predict.router, models.router):
+    for router in (datasets.router, jobs.router, predict.router, models.router, weights.router):
         app.include_router(router, dependencies=protected)
+
+    # Middleware added last runs first: CORS answers preflights and decorates every response, 413s
+    # included; the body limits then check the key and the size before any route reads the body.
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+        )
     return app

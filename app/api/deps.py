@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -11,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.security import key_matches
 from app.db.session import read_scope, session_scope
 
 
@@ -44,12 +44,7 @@ def require_api_key(
     """With TRAINSERVE_API_KEYS set, every protected route needs `Authorization: Bearer <key>`."""
     if not settings.api_keys:
         return
-    presented = credentials.credentials.encode() if credentials else b""
-    # Compare against every key, always, so timing says nothing about which key nearly matched.
-    matched = False
-    for key in settings.api_keys:
-        matched |= hmac.compare_digest(presented, key.encode())
-    if not credentials or not matched:
+    if not credentials or not key_matches(credentials.credentials, settings.api_keys):
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
             detail="missing or invalid API key"

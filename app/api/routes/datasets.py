@@ -7,11 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile, status
 
 from app.api.deps import SessionDep, SettingsDep
+from app.api.uploads import UploadRoute
 from app.core.errors import Invalid, TooLarge
 from app.schemas.datasets import DatasetCreate, DatasetRead, UploadSummary
 from app.services import datasets as service
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=UploadRoute)
 
 
 @router.post("", response_model=DatasetRead, status_code=status.HTTP_201_CREATED)
