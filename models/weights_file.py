@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,6 +76,16 @@ def _tensors_of(obj: object) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _refusal_reason(exc: Exception) -> str:
+    """The line of torch's refusal that says what was refused (not its advice to load unsafely)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    for line in lines:
+        if re.search(r"GLOBAL|unsupported|not an allowed|error:", line, re.IGNORECASE):
+            return line.split(" Please use")[0][:300]  # not the advice on how to allow it
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
 def parse_weights(data: bytes) -> ParsedWeights:
     """Read a safetensors or PyTorch weight file; raise WeightsFileError saying why it is refused."""
     if not data:
@@ -89,7 +100,7 @@ def parse_weights(data: bytes) -> ParsedWeights:
         try:
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # the unpickler raises many types; every one means "refused"
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            reason = _refusal_reason(exc)
             raise WeightsFileError(
                 "not a safetensors file, and torch.load(weights_only=True) refused it as a PyTorch "
                 f"state dict: {reason}"

@@ -34,6 +34,13 @@ class JobSpec(BaseModel):
         description="Fine-tune from this earlier job's best checkpoint (same model); the classifier head "
         "is replaced when the class count differs.",
     )
+    init_from_weights: int | None = Field(
+        default=None,
+        ge=1,
+        le=2**31 - 1,
+        description="Start from weights uploaded with `POST /weights` (this id): every tensor whose name "
+        "and shape fit the model is loaded, the rest (a head for another class count) keeps its init.",
+    )
 
     # Input.
     image_size: int | None = Field(default=None, ge=4, le=1024, description="Default: the model's own.")
@@ -132,6 +139,13 @@ class JobSpec(BaseModel):
     def _one_init(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and _earlier(info, "init") == "pretrained":
             raise ValueError("init_from_job and init='pretrained' exclude each other")
+        return value
+
+    @field_validator("init_from_weights")
+    @classmethod
+    def _one_source(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and (_earlier(info, "init") == "pretrained" or _earlier(info, "init_from_job")):
+            raise ValueError("init_from_weights excludes init='pretrained' and init_from_job")
         return value
 
     @field_validator("image_size")
