@@ -15,6 +15,7 @@ from app.api.deps import require_api_key
 from app.api.routes import datasets, health, jobs, models, predict, weights
 from app.core.config import Settings, get_settings
 from app.core.errors import DomainError
+from app.schemas.common import error_responses
 from app.services.predictions import PredictorCache
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.message, **exc.extra})
 
     protected = [Depends(require_api_key)]
-    app.include_router(health.router)
+    errors = error_responses(400, 401, 404, 409, 413, 422)
+    app.include_router(health.router, responses=error_responses(400, 413))
     for router in (datasets.router, jobs.router, predict.router, models.router, weights.router):
-        app.include_router(router, dependencies=protected)
+        app.include_router(router, dependencies=protected, responses=errors)
 
     # Middleware added last runs first: CORS answers preflights and decorates every response, 413s
     # included; the body limits then check the key and the size before any route reads the body.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -33,6 +33,11 @@ def get_session(request: Request, settings: SettingsDep) -> Iterator[Session]:
 # scope="function": the transaction commits when the route returns, before the response is sent, so a
 # client that reads right after a 201 always finds what it created (the default scope commits after).
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+# Ids are 32-bit INTEGER columns (int4 on PostgreSQL): a larger number is a 422 here, never an
+# overflow in the database driver (a 500).
+MAX_ID = 2**31 - 1
+IdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="A server-made id.")]
 
 _bearer = HTTPBearer(auto_error=False)
 

@@ -20,7 +20,7 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset_id: int = Field(description="The dataset to train on.")
+    dataset_id: int = Field(ge=1, le=2**31 - 1, description="The dataset to train on.")
     model: str = Field(description="Architecture name; `GET /models` lists them.")
 
     # Initialisation.
@@ -31,6 +31,8 @@ class JobSpec(BaseModel):
     )
     init_from_job: int | None = Field(
         default=None,
+        ge=1,
+        le=2**31 - 1,
         description="Fine-tune from this earlier job's best checkpoint (same model); the classifier head "
         "is replaced when the class count differs.",
     )

@@ -45,11 +45,12 @@ def start_worker(database_url: str, log: Path, **settings: str) -> subprocess.Po
 
 @contextmanager
 def trainserve_up(
-    database_url: str, log: Path, *, workers: int = 1
+    database_url: str, log: Path, *, workers: int = 1, **settings: str
 ) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes]]]:
-    """`trainserve up` on a free port, yielding once `/health` answers; stopped with SIGTERM after."""
+    """`trainserve up` on a free port, yielding once `/health` answers; stopped with SIGTERM after.
+    `settings`: more TRAINSERVE_* variables for it (TRAINSERVE_API_KEYS=...)."""
     port = free_port()
-    env = environment(database_url, TRAINSERVE_PORT=str(port), TRAINSERVE_WORKERS=str(workers))
+    env = environment(database_url, TRAINSERVE_PORT=str(port), TRAINSERVE_WORKERS=str(workers), **settings)
     with open(log, "wb") as handle:
         process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "up"], env=env, stdout=handle, stderr=subprocess.STDOUT

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile, status
 
-from app.api.deps import SessionDep, SettingsDep
+from app.api.deps import IdPath, SessionDep, SettingsDep
 from app.api.uploads import UploadRoute
 from app.core.errors import Invalid, TooLarge
 from app.schemas.datasets import DatasetCreate, DatasetRead, UploadSummary
@@ -28,7 +28,7 @@ def list_datasets(session: SessionDep) -> list[DatasetRead]:
 
 
 @router.get("/{dataset_id}", response_model=DatasetRead)
-def get_dataset(dataset_id: int, session: SessionDep) -> DatasetRead:
+def get_dataset(dataset_id: IdPath, session: SessionDep) -> DatasetRead:
     """One dataset with its class counts."""
     return service.dataset_read(session, service.get_dataset(session, dataset_id))
 
@@ -41,7 +41,7 @@ def _read_bounded(upload: UploadFile, limit: int) -> bytes | None:
 
 @router.post("/{dataset_id}/images", response_model=UploadSummary, status_code=status.HTTP_201_CREATED)
 def upload_images(
-    dataset_id: int,
+    dataset_id: IdPath,
     label: Annotated[str, Form(description="Class name of every file in this request.")],
     files: Annotated[list[UploadFile], File(description="One or more images (PNG, JPEG, BMP, WebP...).")],
     session: SessionDep,
@@ -62,7 +62,7 @@ def upload_images(
 
 @router.post("/{dataset_id}/archive", response_model=UploadSummary, status_code=status.HTTP_201_CREATED)
 def upload_archive(
-    dataset_id: int,
+    dataset_id: IdPath,
     file: Annotated[
         UploadFile, File(description="A zip of <class>/<image> (optionally under train/ val/ test/).")
     ],

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, UploadFile, status
 
-from app.api.deps import SessionDep, SettingsDep
+from app.api.deps import IdPath, SessionDep, SettingsDep
 from app.api.uploads import UploadRoute
 from app.core.errors import TooLarge
 from app.schemas.weights import WeightsRead
@@ -39,6 +39,6 @@ def list_weights(session: SessionDep) -> list[WeightsRead]:
 
 
 @router.get("/{weights_id}", response_model=WeightsRead)
-def get_weights(weights_id: int, session: SessionDep) -> WeightsRead:
+def get_weights(weights_id: IdPath, session: SessionDep) -> WeightsRead:
     """One uploaded weight file's metadata."""
     return WeightsRead.model_validate(service.get_weights(session, weights_id))
