@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session, undefer
 
 from app.core.errors import Invalid, NotFound
 from app.db.tables import WeightsFile
+from app.services.images import stored_name
 from models.weights_file import WeightsFileError, parse_weights, to_safetensors
 
 
@@ -22,7 +23,7 @@ def create_weights(session: Session, *, filename: str, data: bytes) -> WeightsFi
     except WeightsFileError as exc:
         raise Invalid(f"file: {exc}") from None
     row = WeightsFile(
-        filename=filename[-500:],
+        filename=stored_name(filename),
         source_format=parsed.source_format,
         sha256=hashlib.sha256(data).hexdigest(),
         size_bytes=len(data),
