@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
@@ -19,6 +23,17 @@ from app.schemas.common import error_responses
 from app.services.predictions import PredictorCache
 
 log = logging.getLogger(__name__)
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by its name, so it can be sent as JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite(item) for item in value]
+    return value
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -47,6 +62,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.predictors = PredictorCache(capacity=settings.predict_cache_size)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input, and JSON cannot carry NaN or Infinity (a body may
+        # hold them: Python's JSON parser accepts both), so rendering them was a 500.
+        return JSONResponse(status_code=422, content={"detail": finite(jsonable_encoder(exc.errors()))})
 
     @app.exception_handler(DomainError)
     async def domain_error(_request: Request, exc: DomainError) -> JSONResponse:

@@ -46,6 +46,11 @@ class UploadLimits:
 class BodyLimit:
     request_bytes: int
     upload: UploadLimits | None = None
+    what: str = ""  # for single-file uploads: "a 500000-byte archive", named in the 413
+
+    def message(self) -> str:
+        extra = f" ({self.what} plus the form around it)" if self.what else ""
+        return f"request body is larger than the {self.request_bytes}-byte limit of this endpoint{extra}"
 
 
 def body_limit(method: str, path: str, settings: Settings) -> BodyLimit:
@@ -58,15 +63,15 @@ def body_limit(method: str, path: str, settings: Settings) -> BodyLimit:
             )
             return BodyLimit(settings.max_request_bytes, upload)
         single_file = {
-            "archive": settings.max_archive_bytes,
-            "predict": settings.max_image_bytes,
-            "weights": settings.max_weights_bytes,
+            "archive": (settings.max_archive_bytes, "archive"),
+            "predict": (settings.max_image_bytes, "image"),
+            "weights": (settings.max_weights_bytes, "weights file"),
         }
         kind = "archive" if re.fullmatch(r"/datasets/[^/]+/archive", path) else path.strip("/")
         if kind in single_file:
-            size = single_file[kind]
+            size, name = single_file[kind]
             upload = UploadLimits(size, 1, field, refuse_oversized=True)
-            return BodyLimit(size + MULTIPART_OVERHEAD, upload)
+            return BodyLimit(size + MULTIPART_OVERHEAD, upload, what=f"a {size}-byte {name}")
     return BodyLimit(settings.max_body_bytes)
 
 
@@ -74,10 +79,8 @@ class BodyTooLarge(HTTPException):
     """Raised from `receive`: an HTTPException, so FastAPI's body reading passes it on unchanged and
     the app's exception handler renders it as `{"detail": ...}`."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            status_code=413, detail=f"request body is larger than the {limit}-byte limit of this endpoint"
-        )
+    def __init__(self, limit: BodyLimit) -> None:
+        super().__init__(status_code=413, detail=limit.message())
 
 
 async def _send_json(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
@@ -120,7 +123,7 @@ class BodyLimitMiddleware:
                 await _send_json(send, 400, "Content-Length is not a number")
                 return
             if int(declared) > limit.request_bytes:
-                await _send_json(send, 413, BodyTooLarge(limit.request_bytes).detail)
+                await _send_json(send, 413, limit.message())
                 return
         scope[UPLOAD_LIMITS_KEY] = limit.upload
 
@@ -133,7 +136,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit.request_bytes:
-                    raise BodyTooLarge(limit.request_bytes)
+                    raise BodyTooLarge(limit)
             return message
 
         async def tracking_send(message: Message) -> None:

@@ -158,7 +158,10 @@ def read_archive(fileobj: IO[bytes], *, limits: ArchiveLimits, result: UploadRes
                 continue
             entries.append((info, parts))
         if not entries:
-            raise Invalid("archive holds no images")
+            reasons = "; ".join(f"{r['filename']}: {r['reason']}" for r in result.rejected[:20])
+            raise Invalid(
+                "archive holds no images" + (f" ({reasons})" if reasons else ""), rejected=result.rejected
+            )
 
         strip = _common_root([parts for _, parts in entries])
         inflated = 0
