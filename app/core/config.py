@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     )
     max_form_field_bytes: int = Field(default=64 * 1024, ge=1, description="largest non-file form field")
     max_weights_bytes: int = Field(
-        default=1024 * 1024 * 1024, ge=1, description="largest weights file for POST /weights"
+        default=512 * 1024 * 1024, ge=1, description="largest weights file for POST /weights"
     )
 
     # Jobs and workers.
