@@ -77,13 +77,18 @@ def _tensors_of(obj: object) -> dict[str, torch.Tensor]:
 
 
 def _refusal_reason(exc: Exception) -> str:
-    """The line of torch's refusal that says what was refused (not its advice to load unsafely)."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
-    lines = [line for line in lines if line]
-    for line in lines:
-        if re.search(r"GLOBAL|unsupported|not an allowed|error:", line, re.IGNORECASE):
-            return line.split(" Please use")[0][:300]  # not the advice on how to allow it
-    return (lines[0] if lines else type(exc).__name__)[:300]
+    """What torch refused and why, without its advice on how to load the file unsafely."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(exc).split()))
+    for pattern in (
+        r"Unsupported global: GLOBAL \S+ was not an allowed global by default",
+        r"Trying to load unsupported GLOBAL \S+ whose module \S+ is blocked",
+        r"Unsupported operand \d+",
+        r"failed finding central directory",
+    ):
+        found = re.search(pattern, text)
+        if found:
+            return found.group(0)
+    return (text.split(". ")[0] or type(exc).__name__)[:200]
 
 
 def parse_weights(data: bytes) -> ParsedWeights:
