@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from sqlalchemy import create_engine, text
 
+from tests.e2e.databases import KINDS, fresh_database
 from tests.e2e.processes import trainserve_up
 from tests.factories import encode, noise_png, png_declaring, zip_bytes, zip_entries
 
@@ -54,13 +55,17 @@ class Server:
     folder: Path
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=KINDS)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real server with small limits (SQLite, and PostgreSQL too where one is configured), holding a
+    dataset of two classes and a queued job."""
     folder = tmp_path_factory.mktemp("hostile")
-    database_url = f"sqlite:///{folder / 'db.sqlite'}"
-    with trainserve_up(database_url, folder / "up.log", workers=0, TRAINSERVE_API_KEYS=KEY, **LIMITS) as (
-        client,
-        _,
+    with (
+        fresh_database(request.param, folder) as database_url,
+        trainserve_up(database_url, folder / "up.log", workers=0, TRAINSERVE_API_KEYS=KEY, **LIMITS) as (
+            client,
+            _,
+        ),
     ):
         client.headers["Authorization"] = f"Bearer {KEY}"
         dataset = client.post("/datasets", json={"name": "target"}).json()["id"]
@@ -681,4 +686,6 @@ def test_archive_is_never_extracted_to_disk(server: Server, tmp_path: Path) -> N
         server.folder / "db.sqlite-wal",
         server.folder / "db.sqlite-shm",
     }
-    assert not any(Path("/").glob("escaped*.png")) and not any(server.folder.parent.glob("escaped*"))
+    # where the entry names point from the server's working directory (the test's) and its data folder
+    places = {Path.cwd(), *Path.cwd().parents, server.folder, *server.folder.parents}
+    assert not [path for place in places for path in place.glob("escaped*.png")]

@@ -23,6 +23,7 @@ from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from app.main import create_app
 from tests.conftest import make_settings
+from tests.e2e.databases import KINDS, fresh_database
 from tests.e2e.processes import trainserve_up
 from tests.factories import noise_png
 
@@ -40,13 +41,16 @@ CHECKS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@pytest.fixture(scope="module", params=KINDS)
+def live_api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The API (no worker: jobs stay queued) with a dataset of two classes and a job, so that ids 1
-    exist and generated requests reach the routes' real logic, not only their 404s."""
+    exist and generated requests reach the routes' real logic, not only their 404s. On SQLite, and on
+    PostgreSQL too where one is configured (it refuses some strings SQLite stores, NUL for one)."""
     folder = tmp_path_factory.mktemp("schemathesis")
-    database = f"sqlite:///{folder / 'db.sqlite'}"
-    with trainserve_up(database, folder / "up.log", workers=0, TRAINSERVE_API_KEYS=API_KEY) as (client, _):
+    with (
+        fresh_database(request.param, folder) as database,
+        trainserve_up(database, folder / "up.log", workers=0, TRAINSERVE_API_KEYS=API_KEY) as (client, _),
+    ):
         client.headers["Authorization"] = f"Bearer {API_KEY}"
         dataset = client.post("/datasets", json={"name": "seed"}).json()["id"]
         for label, seeds in {"a": (1, 2, 3), "b": (4, 5, 6)}.items():
