@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format migrate clean
+.PHONY: run test lint audit format migrate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,11 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+# Offline CVE floors always; pip-audit online when its service answers (see scripts/audit_deps.py).
+audit: $(VENV)/.installed-test
+	$(BIN)/python scripts/audit_deps.py
+
+test: lint audit
 	$(BIN)/python -m pytest
 
 # The image, docker-compose.yml and a model trained inside containers, with podman (tests/container/).

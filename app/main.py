@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from app.api.body_limits import BodyLimitMiddleware
 from app.api.deps import require_api_key
-from app.api.routes import datasets, events, health, images, jobs, models, predict, ui
+from app.api.routes import datasets, events, health, images, jobs, models, predict, ui, weights
 from app.core.config import Settings, get_settings
 from app.core.errors import DomainError
+from app.schemas.common import error_responses
 from app.services.predictions import PredictorCache
 
 log = logging.getLogger(__name__)
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by its name, so it can be sent as JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite(item) for item in value]
+    return value
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -24,7 +42,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.api_keys:
-            log.warning("TRAINSERVE_API_KEYS is not set: the API is OPEN to anyone who can reach it")
+            log.warning(
+                "!!! TRAINSERVE_API_KEYS is not set: the API is OPEN, anyone who can reach it may upload, "
+                "train and download. Set TRAINSERVE_API_KEYS=<key>[,<key>...] to require a bearer key. !!!"
+            )
+        else:
+            # How many, never which: keys are not logged anywhere.
+            count = len(settings.api_keys)
+            log.info("API keys required on every endpoint but /health and the docs (%d key(s))", count)
         yield
 
     app = FastAPI(
@@ -38,16 +63,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.predictors = PredictorCache(capacity=settings.predict_cache_size)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input, and JSON cannot carry NaN or Infinity (a body may
+        # hold them: Python's JSON parser accepts both), so rendering them was a 500.
+        return JSONResponse(status_code=422, content={"detail": finite(jsonable_encoder(exc.errors()))})
+
     @app.exception_handler(DomainError)
     async def domain_error(_request: Request, exc: DomainError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.message, **exc.extra})
 
     protected = [Depends(require_api_key)]
-    app.include_router(health.router)
-    for router in (datasets.router, jobs.router, predict.router, models.router):
-        app.include_router(router, dependencies=protected)
-    # Live progress, logs and image browsing (issue 10), and the dashboard's static page (no data in it).
+    errors = error_responses(400, 401, 404, 409, 413, 422)
+    app.include_router(health.router, responses=error_responses(400, 413))
+    for router in (datasets.router, jobs.router, predict.router, models.router, weights.router):
+        app.include_router(router, dependencies=protected, responses=errors)
+    # Live progress, logs and image browsing, and the dashboard's static page (no data in it).
     for router in (events.router, images.router):
-        app.include_router(router, dependencies=protected)
+        app.include_router(router, dependencies=protected, responses=errors)
     ui.mount(app)
+
+    # Middleware added last runs first: CORS answers preflights and decorates every response, 413s
+    # included; the body limits then check the key and the size before any route reads the body.
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+        )
     return app

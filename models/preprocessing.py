@@ -67,8 +67,9 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
                 f"image too large: {image.width}x{image.height} pixels is over the limit of {max_pixels}"
             )
         image.load()  # decodes every byte: catches truncated files that open() alone accepts
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image too large: {exc}") from None
+    except Image.DecompressionBombError as exc:  # Pillow's guard fires in open() for the worst bombs
+        limit = f"the limit of {max_pixels}" if max_pixels is not None else "Pillow's limit"
+        raise ImageDecodeError(f"image too large: over {limit} pixels ({exc})") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(
             f"not a supported image (accepted formats: {', '.join(ALLOWED_FORMATS)})"

@@ -13,14 +13,17 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
 from app.core.config import Settings
+from app.core.errors import NotFound
 from app.db.session import read_scope, session_scope
 from app.db.tables import CheckpointKind, JobStatus, TrainingJob
 from app.schemas.jobs import JobSpec
 from app.services import queue
 from app.services.jobs import best_checkpoint
+from app.services.weights import get_weights
 from models.checkpoint import bytes_to_state_dict, state_dict_to_bytes
 from models.preprocessing import Preprocessing
 from models.pretrained import PretrainedWeightsMissing, load_compatible, load_pretrained
@@ -109,7 +112,26 @@ def initialise(model: nn.Module, spec: JobSpec, settings: Settings) -> dict[str,
             )
         report = load_compatible(model, state_dict, first_conv=get_model_info(spec.model).first_conv)
         return {"source": f"job {spec.init_from_job} (epoch {checkpoint.epoch})", **report.to_dict()}
+    if spec.init_from_weights is not None:
+        return initialise_from_upload(model, spec, settings)
     return {"source": "random"}
+
+
+def initialise_from_upload(model: nn.Module, spec: JobSpec, settings: Settings) -> dict[str, Any]:
+    """Load the compatible tensors of weights uploaded with POST /weights (stored as safetensors)."""
+    with read_scope(settings) as session:
+        try:
+            uploaded = get_weights(session, spec.init_from_weights, with_data=True)  # type: ignore[arg-type]
+        except NotFound:
+            raise JobError(f"init_from_weights: weights {spec.init_from_weights} not found") from None
+        state_dict = load_safetensors_bytes(uploaded.data)
+    report = load_compatible(model, state_dict, first_conv=get_model_info(spec.model).first_conv)
+    if not report.loaded and not report.adapted:
+        raise JobError(
+            f"init_from_weights: no tensor of weights {spec.init_from_weights} fits {spec.model} "
+            f"(names and shapes differ from the model's); first keys: {', '.join(list(state_dict)[:5])}"
+        )
+    return {"source": f"weights {spec.init_from_weights}", **report.to_dict()}
 
 
 def set_backbone_trainable(model: nn.Module, name: str, trainable: bool) -> None:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.security import key_matches
 from app.db.session import read_scope, session_scope
 
 
@@ -34,6 +34,11 @@ def get_session(request: Request, settings: SettingsDep) -> Iterator[Session]:
 # client that reads right after a 201 always finds what it created (the default scope commits after).
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
+# Ids are 32-bit INTEGER columns (int4 on PostgreSQL): a larger number is a 422 here, never an
+# overflow in the database driver (a 500).
+MAX_ID = 2**31 - 1
+IdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="A server-made id.")]
+
 _bearer = HTTPBearer(auto_error=False)
 
 
@@ -44,12 +49,7 @@ def require_api_key(
     """With TRAINSERVE_API_KEYS set, every protected route needs `Authorization: Bearer <key>`."""
     if not settings.api_keys:
         return
-    presented = credentials.credentials.encode() if credentials else b""
-    # Compare against every key, always, so timing says nothing about which key nearly matched.
-    matched = False
-    for key in settings.api_keys:
-        matched |= hmac.compare_digest(presented, key.encode())
-    if not credentials or not matched:
+    if not credentials or not key_matches(credentials.credentials, settings.api_keys):
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
             detail="missing or invalid API key"

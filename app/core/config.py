@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=0, le=64, description="worker processes that `trainserve up` starts")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated origins a browser may call the API from; empty: CORS off",
+    )
     log_level: str = "INFO"
 
     # Uploads.
@@ -30,6 +34,16 @@ class Settings(BaseSettings):
     max_archive_uncompressed_bytes: int = Field(default=4 * 1024 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=89_478_485, ge=1, description="Pillow's decompression-bomb limit")
     max_label_length: int = Field(default=100, ge=1)
+    max_request_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=1, description="largest body of one image-upload request"
+    )
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1, description="largest body of every other request (JSON, forms)"
+    )
+    max_form_field_bytes: int = Field(default=64 * 1024, ge=1, description="largest non-file form field")
+    max_weights_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=1, description="largest weights file for POST /weights"
+    )
 
     # Jobs and workers.
     worker_poll_seconds: float = Field(default=1.0, gt=0)
@@ -54,7 +68,7 @@ class Settings(BaseSettings):
     # Prediction.
     predict_cache_size: int = Field(default=8, ge=1, description="models kept loaded for /predict")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "cors_allow_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

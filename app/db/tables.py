@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Enum,
@@ -206,4 +207,23 @@ class JobLog(Base):
     level: Mapped[str] = mapped_column(String(10))
     logger: Mapped[str] = mapped_column(String(200))
     message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WeightsFile(Base):
+    """Starting weights a client uploaded (`POST /weights`), stored as safetensors whatever the upload
+    was, addressed only by the server's id; `filename` is the client's name, kept for display only."""
+
+    __tablename__ = "weights_file"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    filename: Mapped[str] = mapped_column(String(500))
+    source_format: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    num_tensors: Mapped[int] = mapped_column(Integer)
+    num_parameters: Mapped[int] = mapped_column(BigInteger)
+    architecture: Mapped[str | None] = mapped_column(String(64), default=None)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    data: Mapped[bytes] = deferred(mapped_column(LargeBinary))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -10,7 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field
 class DatasetCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200, description="A name for people; ids are server-made.")
+    name: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="A name for people (no control characters); ids are server-made.",
+    )
 
 
 class ClassCount(BaseModel):

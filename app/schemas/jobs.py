@@ -20,7 +20,7 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset_id: int = Field(description="The dataset to train on.")
+    dataset_id: int = Field(ge=1, le=2**31 - 1, description="The dataset to train on.")
     model: str = Field(description="Architecture name; `GET /models` lists them.")
 
     # Initialisation.
@@ -31,8 +31,17 @@ class JobSpec(BaseModel):
     )
     init_from_job: int | None = Field(
         default=None,
+        ge=1,
+        le=2**31 - 1,
         description="Fine-tune from this earlier job's best checkpoint (same model); the classifier head "
         "is replaced when the class count differs.",
+    )
+    init_from_weights: int | None = Field(
+        default=None,
+        ge=1,
+        le=2**31 - 1,
+        description="Start from weights uploaded with `POST /weights` (this id): every tensor whose name "
+        "and shape fit the model is loaded, the rest (a head for another class count) keeps its init.",
     )
 
     # Input.
@@ -67,7 +76,7 @@ class JobSpec(BaseModel):
     scheduler: Literal["none", "step", "multistep", "cosine", "cosine_restarts", "plateau", "onecycle"] = (
         "cosine"
     )
-    step_size: int = Field(default=10, ge=1, description="Epochs between decays (`step`).")
+    step_size: int = Field(default=10, ge=1, le=100_000, description="Epochs between decays (`step`).")
     milestones: list[int] = Field(
         default=[30, 60], min_length=1, max_length=100, description="Epochs at which to decay (`multistep`)."
     )
@@ -75,17 +84,21 @@ class JobSpec(BaseModel):
         default=0.1, gt=0, lt=1, description="Decay factor (`step`, `multistep`, `plateau`)."
     )
     restart_epochs: int = Field(
-        default=10, ge=1, description="Epochs of the first cycle (`cosine_restarts`)."
+        default=10, ge=1, le=100_000, description="Epochs of the first cycle (`cosine_restarts`)."
     )
     restart_mult: int = Field(default=1, ge=1, le=10, description="Cycle growth (`cosine_restarts`).")
     plateau_patience: int = Field(default=2, ge=0, le=100, description="Epochs without progress (`plateau`).")
-    warmup_epochs: int = Field(default=0, ge=0, description="Linear warm-up to `lr` over these epochs.")
+    warmup_epochs: int = Field(
+        default=0, ge=0, le=1000, description="Linear warm-up to `lr` over these epochs."
+    )
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     class_weights: Literal["none", "balanced"] = Field(
         default="none",
         description="`balanced`: loss weights inversely proportional to training class counts.",
     )
-    grad_clip_norm: float | None = Field(default=None, gt=0, description="Clip the gradient norm to this.")
+    grad_clip_norm: float | None = Field(
+        default=None, gt=0, le=1e6, description="Clip the gradient norm to this."
+    )
     accumulate_steps: int = Field(default=1, ge=1, le=1024, description="Batches per optimiser step.")
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = Field(
         default="auto",
@@ -93,7 +106,7 @@ class JobSpec(BaseModel):
         "also on the CPU; `fp16` needs CUDA.",
     )
     freeze_epochs: int = Field(
-        default=0, ge=0, description="Train only the classifier head for the first N epochs."
+        default=0, ge=0, le=1000, description="Train only the classifier head for the first N epochs."
     )
     ema_decay: float | None = Field(
         default=None, ge=0.5, lt=1, description="Keep an EMA of the weights; it is validated and saved."
@@ -106,9 +119,14 @@ class JobSpec(BaseModel):
         default="val_acc", description="Validation metric that picks the best checkpoint and stops early."
     )
     early_stopping_patience: int | None = Field(
-        default=None, ge=1, description="Stop after this many epochs without improvement (default: never)."
+        default=None,
+        ge=1,
+        le=1000,
+        description="Stop after this many epochs without improvement (default: never).",
     )
-    min_delta: float = Field(default=0.0, ge=0, description="Smallest change that counts as improvement.")
+    min_delta: float = Field(
+        default=0.0, ge=0, le=1e6, description="Smallest change that counts as improvement."
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     @field_validator("model")
@@ -134,6 +152,13 @@ class JobSpec(BaseModel):
             raise ValueError("init_from_job and init='pretrained' exclude each other")
         return value
 
+    @field_validator("init_from_weights")
+    @classmethod
+    def _one_source(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and (_earlier(info, "init") == "pretrained" or _earlier(info, "init_from_job")):
+            raise ValueError("init_from_weights excludes init='pretrained' and init_from_job")
+        return value
+
     @field_validator("image_size")
     @classmethod
     def _large_enough(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -147,8 +172,8 @@ class JobSpec(BaseModel):
     @field_validator("milestones")
     @classmethod
     def _increasing(cls, value: list[int]) -> list[int]:
-        if any(m < 1 for m in value) or value != sorted(set(value)):
-            raise ValueError("milestones must be strictly increasing epoch numbers >= 1")
+        if any(m < 1 or m > 100_000 for m in value) or value != sorted(set(value)):
+            raise ValueError("milestones must be strictly increasing epoch numbers from 1 to 100000")
         return value
 
     @field_validator("warmup_epochs", "freeze_epochs")

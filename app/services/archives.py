@@ -1,8 +1,18 @@
-"""Read a zip in the ImageFolder layout (`<class>/<image>`, optionally under `train/ val/ test/`)."""
+"""Read a zip in the ImageFolder layout (`<class>/<image>`, optionally under `train/ val/ test/`).
+
+The archive is hostile until proven otherwise. Its entries are counted from the central directory record
+by record before the zip is opened (so a directory of millions of entries costs nothing), entries whose
+data overlap (the trick of non-recursive zip bombs) refuse the whole archive before anything is
+inflated, the bytes actually inflated are counted against the limit (never the sizes the archive
+declares), nested archives are not opened, symlinks are ignored, names that are absolute or climb out
+are rejected, and members are only ever read into memory: nothing is written to a path built from an
+entry name.
+"""
 
 from __future__ import annotations
 
 import stat
+import struct
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -13,6 +23,21 @@ from typing import IO
 from app.core.errors import Invalid, TooLarge
 from app.services.images import SPLITS, Upload, UploadResult, validate_label
 
+NESTED_ARCHIVE_SUFFIXES = (
+    ".zip",
+    ".tar",
+    ".tgz",
+    ".gz",
+    ".bz2",
+    ".xz",
+    ".zst",
+    ".7z",
+    ".rar",
+    ".jar",
+    ".whl",
+)
+CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")  # zipfile.structCentralDir: 46 bytes
+LOCAL_HEADER_SIZE = 30  # fixed part of a local file header, before its name and extra field
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 IGNORED_PARTS = {"__MACOSX", ".DS_Store", "Thumbs.db"}
 
@@ -39,6 +64,58 @@ def _safe_parts(name: str) -> tuple[str, ...] | None:
     return tuple(part for part in parts if part != ".")
 
 
+def _count_entries(fileobj: IO[bytes], *, limit: int) -> int:
+    """Entries in the central directory, walked record by record (no ZipInfo objects), stopping as
+    soon as there are more than `limit`."""
+    endrec = zipfile._EndRecData(fileobj)  # stable since Python 2; handles zip64
+    if endrec is None:
+        raise Invalid("file is not a zip archive")
+    if endrec[zipfile._ECD_ENTRIES_TOTAL] > limit:
+        raise TooLarge(f"archive has {endrec[zipfile._ECD_ENTRIES_TOTAL]} entries; the limit is {limit}")
+    size_cd, offset_cd = endrec[zipfile._ECD_SIZE], endrec[zipfile._ECD_OFFSET]
+    start = endrec[zipfile._ECD_LOCATION] - size_cd
+    if endrec[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+        start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+    if start < 0 or offset_cd < 0:
+        raise Invalid("file is not a zip archive (bad central directory)")
+    fileobj.seek(start)
+    count, position = 0, 0
+    while position + CENTRAL_HEADER.size <= size_cd:
+        record = fileobj.read(CENTRAL_HEADER.size)
+        if len(record) < CENTRAL_HEADER.size or record[:4] != zipfile.stringCentralDir:
+            break  # zipfile itself reports a malformed directory when it opens the archive
+        fields = CENTRAL_HEADER.unpack(record)
+        variable = fields[12] + fields[13] + fields[14]  # name, extra field, comment lengths
+        fileobj.seek(variable, 1)
+        position += CENTRAL_HEADER.size + variable
+        count += 1
+        if count > limit:
+            raise TooLarge(f"archive has more than {limit} entries; the limit is {limit}")
+    fileobj.seek(0)
+    return count
+
+
+def _declared_total(infos: list[zipfile.ZipInfo]) -> int:
+    """What the archive says it expands to: refuses an honest bomb at once. Not trusted beyond that:
+    the bytes actually inflated are counted too."""
+    return sum(info.file_size for info in infos)
+
+
+def _check_no_overlap(archive: zipfile.ZipFile) -> None:
+    """Refuse entries whose data overlap another's: one compressed stream shared by thousands of
+    entries is how a 10 MB zip inflates to terabytes. Checked from the directory, before inflating."""
+    infos = sorted(archive.infolist(), key=lambda info: info.header_offset)
+    ends = [info.header_offset for info in infos[1:]] + [archive.start_dir] if infos else []
+    for info, next_start in zip(infos, ends, strict=True):
+        # The smallest the entry can be: fixed header, its name, its data (the extra field may add more).
+        end = info.header_offset + LOCAL_HEADER_SIZE + len(info.orig_filename.encode()) + info.compress_size
+        if end > next_start:
+            raise Invalid(
+                f"archive entries overlap ({info.orig_filename!r} runs into the next entry): "
+                "refused as a zip bomb"
+            )
+
+
 def _common_root(paths: list[tuple[str, ...]]) -> int:
     """How many leading folders every entry shares and that are not part of the layout
     (a zip of `digits/0/a.png` has the wrapper folder `digits/`)."""
@@ -54,15 +131,15 @@ def _common_root(paths: list[tuple[str, ...]]) -> int:
 def read_archive(fileobj: IO[bytes], *, limits: ArchiveLimits, result: UploadResult) -> Iterator[Upload]:
     """Yield the archive's images as uploads; entries that cannot be used are added to `result.rejected`."""
     try:
+        _count_entries(fileobj, limit=limits.max_entries)
         archive = zipfile.ZipFile(fileobj)
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error, EOFError):
         raise Invalid("file is not a zip archive") from None
 
     with archive:
+        _check_no_overlap(archive)
         infos = [info for info in archive.infolist() if not info.is_dir()]
-        if len(infos) > limits.max_entries:
-            raise TooLarge(f"archive has {len(infos)} entries; the limit is {limits.max_entries}")
-        declared = sum(info.file_size for info in infos)
+        declared = _declared_total(infos)
         if declared > limits.max_uncompressed_bytes:
             raise TooLarge(
                 f"archive expands to {declared} bytes; the limit is {limits.max_uncompressed_bytes}"
@@ -76,11 +153,18 @@ def read_archive(fileobj: IO[bytes], *, limits: ArchiveLimits, result: UploadRes
                 continue
             if _is_symlink(info) or any(p in IGNORED_PARTS or p.startswith(".") for p in parts):
                 continue
+            if parts[-1].lower().endswith(NESTED_ARCHIVE_SUFFIXES):
+                result.reject(info.filename, "nested archive: not opened (upload it on its own)")
+                continue
             entries.append((info, parts))
         if not entries:
-            raise Invalid("archive holds no images")
+            reasons = "; ".join(f"{r['filename']}: {r['reason']}" for r in result.rejected[:20])
+            raise Invalid(
+                "archive holds no images" + (f" ({reasons})" if reasons else ""), rejected=result.rejected
+            )
 
         strip = _common_root([parts for _, parts in entries])
+        inflated = 0
         for info, full_parts in entries:
             parts = full_parts[strip:]
             split: str | None = None
@@ -103,6 +187,12 @@ def read_archive(fileobj: IO[bytes], *, limits: ArchiveLimits, result: UploadRes
             except (zipfile.BadZipFile, zlib.error, OSError, RuntimeError, NotImplementedError) as exc:
                 result.reject(info.filename, f"cannot be extracted: {exc}")
                 continue
+            inflated += len(data)
+            if inflated > limits.max_uncompressed_bytes:  # what was really inflated, whatever was declared
+                raise TooLarge(
+                    f"archive inflates to more than {limits.max_uncompressed_bytes} bytes; "
+                    f"the limit is {limits.max_uncompressed_bytes}"
+                )
             if len(data) > limits.max_image_bytes:
                 result.reject(info.filename, f"larger than the {limits.max_image_bytes}-byte image limit")
                 continue

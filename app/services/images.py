@@ -42,6 +42,12 @@ class UploadResult:
         self.rejected.extend(other.rejected)
 
 
+def stored_name(name: str, limit: int = 500) -> str:
+    """A client's file name as kept for display: control characters (NUL breaks PostgreSQL text) become
+    '?', and only the last `limit` characters are kept. Never used as a path."""
+    return "".join("?" if ord(ch) < 32 or ord(ch) == 127 else ch for ch in name[-limit:])
+
+
 def validate_label(label: str, *, max_length: int) -> str | None:
     """The reason a class name is unusable, or None. Class names become folder-like identifiers."""
     if not label or not label.strip():
@@ -66,7 +72,7 @@ def _row(dataset_id: int, upload: Upload, digest: str, max_pixels: int | None) -
         "sha256": digest,
         "label": upload.label,
         "split": upload.split,
-        "filename": upload.filename[-500:],
+        "filename": stored_name(upload.filename),
         "format": image.format or "unknown",
         "mode": image.mode,
         "width": image.width,

@@ -15,6 +15,7 @@ from app.db.tables import (
     Evaluation,
     JobStatus,
     TrainingJob,
+    WeightsFile,
     utcnow,
 )
 from app.schemas.jobs import (
@@ -109,6 +110,15 @@ def _check_initialisation(session: Session, spec: JobSpec) -> None:
                 f"not {spec.model}; fine-tuning needs the same model"
             )
         best_checkpoint(session, spec.init_from_job, with_weights=False)  # 409 while it has none
+    if spec.init_from_weights is not None:
+        weights = session.get(WeightsFile, spec.init_from_weights)
+        if weights is None:
+            raise NotFound(f"init_from_weights: weights {spec.init_from_weights} not found")
+        if weights.architecture is not None and weights.architecture != spec.model:
+            raise Invalid(
+                f"init_from_weights: weights {spec.init_from_weights} are for {weights.architecture}, "
+                f"not {spec.model}"
+            )
 
 
 def get_job(session: Session, job_id: int) -> TrainingJob:

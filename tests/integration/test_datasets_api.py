@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
+from app.core.config import Settings
 from tests.factories import digits, image_bytes, noise_png, zip_bytes
 
 
@@ -201,3 +202,32 @@ def test_models_are_listed_with_default_sizes(client: TestClient) -> None:
 
 def test_health(client: TestClient) -> None:
     assert client.get("/health").json()["status"] == "ok"
+
+
+def test_control_characters_in_names_never_reach_the_database(client: TestClient, settings: Settings) -> None:
+    """PostgreSQL text cannot hold NUL: a file name with one is stored with '?' instead, not a 500."""
+    from sqlalchemy import select
+
+    from app.db.session import read_scope
+    from app.db.tables import Image
+
+    assert client.post("/datasets", json={"name": "a\x00b"}).status_code == 422
+    dataset_id = create_dataset(client)
+    # raw bytes: httpx would percent-encode the NUL in a file name, a hostile client does not
+    body = (
+        b'--B\r\nContent-Disposition: form-data; name="label"\r\n\r\na\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="files"; filename="evil\x00name\x1b.png"\r\n\r\n'
+        + noise_png(77)
+        + b"\r\n--B--\r\n"
+    )
+    response = client.post(
+        f"/datasets/{dataset_id}/images",
+        content=body,
+        headers={"Content-Type": "multipart/form-data; boundary=B"},
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["added"] == 1
+    with read_scope(settings) as session:
+        assert (
+            session.scalar(select(Image.filename).where(Image.dataset_id == dataset_id)) == "evil?name?.png"
+        )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
 
 import pytest
 
 from app.core.errors import Invalid, TooLarge
+from app.services import archives
 from app.services.archives import ArchiveLimits, read_archive
 from app.services.images import Upload, UploadResult
 from tests.factories import image_bytes, noise_png, zip_bytes, zip_entries
@@ -92,7 +94,7 @@ def test_directory_entries_are_not_images() -> None:
         archive.mkdir("digits")
         archive.mkdir("digits/0")
         archive.writestr("digits/0/a.png", PNG)
-    uploads, result = read(buffer.getvalue(), max_entries=1)
+    uploads, result = read(buffer.getvalue(), max_entries=3)  # directories count as entries too
     assert summary(uploads) == {("digits/0/a.png", "0", None)}
     assert result.rejected == []
 
@@ -310,3 +312,86 @@ def test_a_single_capitalised_split_folder_is_a_split(folder: str) -> None:
         zip_bytes([(f"{folder}/cat/a.png", noise_png(1)), (f"{folder}/dog/b.png", noise_png(2))])
     )
     assert {(u.label, u.split) for u in uploads} == {("cat", "train"), ("dog", "train")}
+
+
+# ---------------------------------------------------------------- zip bombs and archive structure
+
+
+def with_duplicated_central_records(data: bytes, copies: int) -> bytes:
+    """The zip's first central-directory record repeated `copies` times: every copy points at the same
+    local entry, so one compressed stream is "extracted" `copies` times (a full-overlap zip bomb)."""
+    start = data.index(b"PK\x01\x02")
+    end = data.index(b"PK\x05\x06")
+    record = data[start:end]
+    directory = record * copies
+    eocd = bytearray(data[end:])
+    struct.pack_into("<HHLL", eocd, 8, copies, copies, len(directory), start)
+    return data[:start] + directory + bytes(eocd)
+
+
+def test_overlapping_entries_refuse_the_archive_before_anything_is_inflated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    one = zip_bytes([("cat/a.png", b"\x00" * 1_000_000)])  # ~1 KB compressed
+    bomb = with_duplicated_central_records(one, 1000)  # would inflate to 1 GB
+    assert len(bomb) < 100_000
+    opened: list[str] = []
+    original_open = zipfile.ZipFile.open
+    monkeypatch.setattr(
+        zipfile.ZipFile,
+        "open",
+        lambda self, name, *a, **k: opened.append(str(name)) or original_open(self, name, *a, **k),
+    )
+    with pytest.raises(Invalid, match="overlap"):
+        read(bomb, max_uncompressed_bytes=10**12, max_image_bytes=10**7)
+    assert opened == [], "refused from the directory alone, before any member was opened"
+
+
+def test_entry_data_running_into_the_next_entry_is_an_overlap() -> None:
+    data = bytearray(
+        zip_entries([("cat/a.png", PNG), ("cat/b.png", noise_png(2))], compression=zipfile.ZIP_STORED)
+    )
+    # the first entry claims a compressed size that runs into the second entry's local header
+    central = data.index(b"PK\x01\x02")
+    struct.pack_into("<L", data, central + 20, len(PNG) + 40)
+    with pytest.raises(Invalid, match="overlap"):
+        read(bytes(data))
+
+
+def test_entry_count_is_walked_from_the_directory_even_when_the_end_record_lies() -> None:
+    data = bytearray(zip_bytes([(f"cat/{i}.png", noise_png(i)) for i in range(6)]))
+    end = data.index(b"PK\x05\x06")
+    struct.pack_into("<HH", data, end + 8, 1, 1)  # the end record claims one entry
+    with pytest.raises(TooLarge, match="more than 5 entries"):
+        read(bytes(data), max_entries=5)
+
+
+def test_inflated_bytes_are_counted_even_when_declared_sizes_understate_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = zip_bytes([(f"cat/{i}.png", noise_png(i, size=(40, 40))) for i in range(5)])
+    total = sum(len(noise_png(i, size=(40, 40))) for i in range(5))
+    monkeypatch.setattr(archives, "_declared_total", lambda infos: 0)  # as if every size were a lie
+    assert len(read(data, max_uncompressed_bytes=total)[0]) == 5
+    with pytest.raises(TooLarge, match="inflates to more than"):
+        read(data, max_uncompressed_bytes=total - 1)
+
+
+def test_a_member_that_declares_less_than_it_holds_is_never_inflated_past_it() -> None:
+    data = bytearray(zip_bytes([("cat/a.png", b"\x00" * 100_000), ("cat/b.png", PNG)]))
+    central = data.index(b"PK\x01\x02")
+    struct.pack_into("<L", data, central + 24, 10)  # declares 10 bytes uncompressed
+    uploads, result = read(bytes(data))
+    assert summary(uploads) == {("cat/b.png", "cat", None)}
+    assert rejected_names(result) == {"cat/a.png"}
+    assert "cannot be extracted" in result.rejected[0]["reason"]
+
+
+@pytest.mark.parametrize("name", ["cat/inner.zip", "cat/more.tar.gz", "cat/x.7z", "cat/y.RAR"])
+def test_nested_archives_are_not_opened_and_are_reported_by_name(name: str) -> None:
+    inner = zip_bytes([("dog/a.png", noise_png(3))])
+    uploads, result = read(zip_bytes([(name, inner), ("cat/a.png", PNG)]))
+    assert summary(uploads) == {("cat/a.png", "cat", None)}
+    assert result.rejected == [
+        {"filename": name, "reason": "nested archive: not opened (upload it on its own)"}
+    ]

@@ -390,3 +390,25 @@ def test_folded_preset_normalises_grayscale_like_the_rgb_preset_on_gray_pixels()
     gray = Preprocessing.for_channels(image_size=4, channels=1, mean=rgb.mean, std=rgb.std)
     image = Image.new("L", (4, 4), 200)
     torch.testing.assert_close(eval_input(image, gray)[0, 0], eval_input(image, rgb)[0, 0])
+
+
+def test_a_30000x30000_png_of_a_few_bytes_is_refused_without_allocating_it() -> None:
+    import resource
+
+    data = png_declaring(30_000, 30_000)  # 900 megapixels: 900 MB if Pillow allocated it
+    assert len(data) < 100
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with pytest.raises(ImageDecodeError, match=r"^image too large: over the limit of 1000000 pixels"):
+        decode_image(data, max_pixels=1_000_000)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024
+
+
+def test_psd_and_eps_renamed_png_never_reach_their_parsers() -> None:
+    from PIL import EpsImagePlugin, PsdImagePlugin
+
+    eps = encode(Image.new("RGB", (8, 8), "red"), "EPS")
+    psd = b"8BPS\x00\x01" + b"\x00" * 64
+    assert EpsImagePlugin._accept(eps) and PsdImagePlugin._accept(psd), "Pillow would claim both"
+    for data in (eps, psd):
+        with pytest.raises(ImageDecodeError, match="not a supported image"):
+            decode_image(data)

@@ -6,12 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile, status
 
-from app.api.deps import SessionDep, SettingsDep
+from app.api.deps import IdPath, SessionDep, SettingsDep
+from app.api.uploads import UploadRoute
 from app.core.errors import Invalid, TooLarge
 from app.schemas.datasets import DatasetCreate, DatasetRead, UploadSummary
 from app.services import datasets as service
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], route_class=UploadRoute)
 
 
 @router.post("", response_model=DatasetRead, status_code=status.HTTP_201_CREATED)
@@ -27,7 +28,7 @@ def list_datasets(session: SessionDep) -> list[DatasetRead]:
 
 
 @router.get("/{dataset_id}", response_model=DatasetRead)
-def get_dataset(dataset_id: int, session: SessionDep) -> DatasetRead:
+def get_dataset(dataset_id: IdPath, session: SessionDep) -> DatasetRead:
     """One dataset with its class counts."""
     return service.dataset_read(session, service.get_dataset(session, dataset_id))
 
@@ -40,7 +41,7 @@ def _read_bounded(upload: UploadFile, limit: int) -> bytes | None:
 
 @router.post("/{dataset_id}/images", response_model=UploadSummary, status_code=status.HTTP_201_CREATED)
 def upload_images(
-    dataset_id: int,
+    dataset_id: IdPath,
     label: Annotated[str, Form(description="Class name of every file in this request.")],
     files: Annotated[list[UploadFile], File(description="One or more images (PNG, JPEG, BMP, WebP...).")],
     session: SessionDep,
@@ -61,7 +62,7 @@ def upload_images(
 
 @router.post("/{dataset_id}/archive", response_model=UploadSummary, status_code=status.HTTP_201_CREATED)
 def upload_archive(
-    dataset_id: int,
+    dataset_id: IdPath,
     file: Annotated[
         UploadFile, File(description="A zip of <class>/<image> (optionally under train/ val/ test/).")
     ],

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response, status
 
-from app.api.deps import SessionDep
+from app.api.deps import IdPath, SessionDep
 from app.db.tables import JobStatus
 from app.schemas.jobs import EvaluationRead, JobRead, JobSpec, MetricsRead
 from app.services import charts
@@ -43,13 +43,13 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobRead)
-def get_job(job_id: int, session: SessionDep) -> JobRead:
+def get_job(job_id: IdPath, session: SessionDep) -> JobRead:
     """A job's status, progress and best epoch so far."""
     return service.job_read(service.get_job(session, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead)
-def cancel_job(job_id: int, session: SessionDep) -> JobRead:
+def cancel_job(job_id: IdPath, session: SessionDep) -> JobRead:
     """Cancel a queued job now; a running job stops after its current batch, keeping its best checkpoint."""
     return service.job_read(service.cancel_job(session, job_id))
 
@@ -60,7 +60,7 @@ def cancel_job(job_id: int, session: SessionDep) -> JobRead:
     responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with `format=csv`"}},
 )
 def get_metrics(
-    job_id: int,
+    job_id: IdPath,
     session: SessionDep,
     format: Annotated[
         Literal["json", "csv"],
@@ -83,7 +83,7 @@ def get_metrics(
     response_class=Response,
     responses={200: {"content": {"image/png": {}}, "description": "PNG image"}},
 )
-def get_metrics_chart(job_id: int, session: SessionDep) -> Response:
+def get_metrics_chart(job_id: IdPath, session: SessionDep) -> Response:
     """Loss, accuracy and learning-rate curves per epoch as a PNG (also while the job runs)."""
     job = service.get_job(session, job_id)
     metrics = service.job_metrics(session, job_id)
@@ -93,7 +93,7 @@ def get_metrics_chart(job_id: int, session: SessionDep) -> Response:
 
 
 @router.get("/{job_id}/evaluation", response_model=EvaluationRead)
-def get_evaluation(job_id: int, session: SessionDep) -> EvaluationRead:
+def get_evaluation(job_id: IdPath, session: SessionDep) -> EvaluationRead:
     """Test-split metrics of the best weights: accuracy, per-class report, confusion matrix."""
     return service.job_evaluation(session, job_id)
 
@@ -103,7 +103,7 @@ def get_evaluation(job_id: int, session: SessionDep) -> EvaluationRead:
     response_class=Response,
     responses={200: {"content": {"image/png": {}}, "description": "PNG image"}},
 )
-def get_confusion_chart(job_id: int, session: SessionDep) -> Response:
+def get_confusion_chart(job_id: IdPath, session: SessionDep) -> Response:
     """The test evaluation's confusion matrix as a PNG heat map (409 until the evaluation exists)."""
     evaluation = service.job_evaluation(session, job_id)
     accuracy = "" if evaluation.accuracy is None else f", accuracy {evaluation.accuracy:.1%}"
@@ -120,7 +120,7 @@ def get_confusion_chart(job_id: int, session: SessionDep) -> Response:
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}},
 )
-def download_checkpoint(job_id: int, session: SessionDep) -> Response:
+def download_checkpoint(job_id: IdPath, session: SessionDep) -> Response:
     """The best weights as a safetensors file; its header metadata holds classes and preprocessing."""
     checkpoint = service.best_checkpoint(session, job_id)
     return Response(

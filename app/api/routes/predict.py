@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
-from app.api.deps import SessionDep, SettingsDep
+from app.api.deps import MAX_ID, SessionDep, SettingsDep
 from app.core.errors import TooLarge
 from app.schemas.predict import PredictionRead
 from app.services.predictions import PredictorCache, predict_image
@@ -17,7 +17,7 @@ router = APIRouter(tags=["predict"])
 @router.post("/predict", response_model=PredictionRead)
 def predict(
     request: Request,
-    job_id: Annotated[int, Form(description="The job whose best checkpoint answers.")],
+    job_id: Annotated[int, Form(ge=1, le=MAX_ID, description="The job whose best checkpoint answers.")],
     file: Annotated[UploadFile, File(description="One image, any size or mode.")],
     session: SessionDep,
     settings: SettingsDep,

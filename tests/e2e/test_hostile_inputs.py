@@ -1,0 +1,691 @@
+"""The hostile-input battery: every attack against a real `trainserve up` (API keys on, small limits) over
+loopback. Each one must get the expected 4xx with a message that says what is wrong; after each, the
+service still answers /health and the stored datasets, images, jobs and weights are exactly as before.
+
+Run with `-s` to print the table of attacks and answers (the issue's closing note lists them).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import socket
+import struct
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+from sqlalchemy import create_engine, text
+
+from tests.e2e.databases import KINDS, fresh_database
+from tests.e2e.processes import trainserve_up
+from tests.factories import encode, noise_png, png_declaring, zip_bytes, zip_entries
+
+pytestmark = pytest.mark.e2e
+
+KEY = "battery-key-0123456789"
+LIMITS = {
+    "TRAINSERVE_MAX_IMAGE_BYTES": "100000",
+    "TRAINSERVE_MAX_REQUEST_BYTES": "1000000",
+    "TRAINSERVE_MAX_BODY_BYTES": "65536",
+    "TRAINSERVE_MAX_FORM_FIELD_BYTES": "4096",
+    "TRAINSERVE_MAX_FILES_PER_REQUEST": "20",
+    "TRAINSERVE_MAX_ARCHIVE_BYTES": "500000",
+    "TRAINSERVE_MAX_ARCHIVE_ENTRIES": "100",
+    "TRAINSERVE_MAX_ARCHIVE_UNCOMPRESSED_BYTES": "2000000",
+    "TRAINSERVE_MAX_WEIGHTS_BYTES": "200000",
+    "TRAINSERVE_MAX_IMAGE_PIXELS": "4000000",
+}
+PAYLOAD_MARKER_NAME = "payload-ran"
+
+
+@dataclass
+class Server:
+    client: httpx.Client  # authorised
+    port: int
+    database_url: str
+    folder: Path
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real server with small limits (SQLite, and PostgreSQL too where one is configured), holding a
+    dataset of two classes and a queued job."""
+    folder = tmp_path_factory.mktemp("hostile")
+    with (
+        fresh_database(request.param, folder) as database_url,
+        trainserve_up(database_url, folder / "up.log", workers=0, TRAINSERVE_API_KEYS=KEY, **LIMITS) as (
+            client,
+            _,
+        ),
+    ):
+        client.headers["Authorization"] = f"Bearer {KEY}"
+        dataset = client.post("/datasets", json={"name": "target"}).json()["id"]
+        for label, seeds in {"cat": (1, 2, 3), "dog": (4, 5, 6)}.items():
+            files = [("files", (f"{s}.png", noise_png(s), "image/png")) for s in seeds]
+            assert (
+                client.post(f"/datasets/{dataset}/images", data={"label": label}, files=files).status_code
+                == 201
+            )
+        assert client.post("/jobs", json={"dataset_id": dataset, "model": "lenet"}).status_code == 201
+        yield Server(client, client.base_url.port or 0, database_url, folder)
+    log = (folder / "up.log").read_text()
+    assert KEY not in log and "wrong-key" not in log, "API keys must never be logged"
+    assert "Traceback" not in log, log[-5000:]
+
+
+def snapshot(database_url: str) -> dict[str, list[tuple[Any, ...]]]:
+    engine = create_engine(database_url)
+    queries = {
+        "dataset": "SELECT id, name FROM dataset ORDER BY id",
+        "image": "SELECT id, dataset_id, sha256, label, split, filename FROM image ORDER BY id",
+        "training_job": "SELECT id, dataset_id, status, spec FROM training_job ORDER BY id",
+        "weights_file": "SELECT id, sha256 FROM weights_file ORDER BY id",
+    }
+    try:
+        with engine.connect() as connection:
+            return {
+                name: [tuple(row) for row in connection.execute(text(sql))] for name, sql in queries.items()
+            }
+    finally:
+        engine.dispose()
+
+
+def raw_http(
+    port: int, head: str, body: bytes = b"", *, timeout: float = 15
+) -> tuple[int, dict[str, str], bytes]:
+    """One request over a plain socket (for what httpx will not send: lying headers, no body at all)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode("latin-1") + b"\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        header_block, _, rest = data.partition(b"\r\n\r\n")
+        lines = header_block.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {
+            k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)
+        }
+        length = int(headers.get("content-length", "0"))
+        while len(rest) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        return status, headers, rest
+
+
+@dataclass
+class Answer:
+    status: int
+    detail: str
+    headers: dict[str, str]
+
+
+def answer_of(response: httpx.Response) -> Answer:
+    try:
+        body = response.json()
+        detail = body.get("detail") if isinstance(body, dict) else body
+    except ValueError:
+        detail = response.text
+    return Answer(
+        response.status_code,
+        json.dumps(detail) if not isinstance(detail, str) else detail,
+        dict(response.headers),
+    )
+
+
+def raw_answer(result: tuple[int, dict[str, str], bytes]) -> Answer:
+    status, headers, body = result
+    try:
+        detail = json.loads(body)["detail"]
+    except (ValueError, KeyError, TypeError):
+        detail = body.decode("latin-1")
+    return Answer(status, detail if isinstance(detail, str) else json.dumps(detail), headers)
+
+
+# ------------------------------------------------------------------------------------------ payloads
+
+
+class WritesAFile:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def pickle_payload(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"weight": torch.zeros(2), "x": WritesAFile(str(folder / PAYLOAD_MARKER_NAME))}, buffer)
+    return buffer.getvalue()
+
+
+def plain_pickle_payload(folder: Path) -> bytes:
+    return pickle.dumps({"w": WritesAFile(str(folder / PAYLOAD_MARKER_NAME))}, protocol=2)
+
+
+def overlapping_zip() -> bytes:
+    data = zip_bytes([("cat/a.png", b"\x00" * 1_000_000)])
+    start, end = data.index(b"PK\x01\x02"), data.index(b"PK\x05\x06")
+    directory = data[start:end] * 90  # 90 MB if inflated; under the 100-entry limit
+    eocd = bytearray(data[end:])
+    struct.pack_into("<HHLL", eocd, 8, 90, 90, len(directory), start)
+    return data[:start] + directory + bytes(eocd)
+
+
+def symlink_zip() -> bytes:
+    info = zipfile.ZipInfo("cat/link.png")
+    info.external_attr = 0o120777 << 16
+    return zip_entries([(info, b"../../../../etc/passwd")])
+
+
+def multipart(parts: list[tuple[bytes, bytes]], boundary: bytes = b"BOUNDARY") -> tuple[str, bytes]:
+    """A multipart body from raw (header, content) parts: bytes, so names may be invalid UTF-8."""
+    body = b"".join(
+        b"--" + boundary + b"\r\n" + header + b"\r\n\r\n" + content + b"\r\n" for header, content in parts
+    )
+    return f"multipart/form-data; boundary={boundary.decode()}", body + b"--" + boundary + b"--\r\n"
+
+
+def psd_header() -> bytes:
+    # the start of a Photoshop file: Pillow's PSD plugin claims any file that begins like this
+    return b"8BPS\x00\x01" + b"\x00" * 6 + struct.pack(">HIIHH", 3, 16, 16, 8, 3) + b"\x00" * 64
+
+
+def eps_bytes() -> bytes:
+    return encode(Image.new("RGB", (8, 8), "red"), "EPS")
+
+
+# ------------------------------------------------------------------------------------------ attacks
+
+Attack = Callable[[Server], Answer]
+
+
+def get(path: str, **kw: Any) -> Attack:
+    return lambda s: answer_of(s.client.get(path, **kw))
+
+
+def post(path: str, **kw: Any) -> Attack:
+    return lambda s: answer_of(s.client.post(path, **kw))
+
+
+def unauthorised(method: str, path: str, headers: dict[str, str] | None = None, **kw: Any) -> Attack:
+    def run(s: Server) -> Answer:
+        with httpx.Client(base_url=s.client.base_url, timeout=30) as bare:
+            return answer_of(bare.request(method, path, headers=headers or {}, **kw))
+
+    return run
+
+
+def raw(head: str, body: bytes = b"") -> Attack:
+    return lambda s: raw_answer(raw_http(s.port, head.format(port=s.port, key=KEY), body))
+
+
+def chunked(path: str, size: int, content_type: str, first: bytes = b"") -> Attack:
+    """A body sent with Transfer-Encoding: chunked (httpx does so for a generator): no Content-Length."""
+
+    def chunks() -> Iterator[bytes]:
+        yield first
+        sent = 0
+        while sent < size:
+            yield b"x" * 65536
+            sent += 65536
+
+    return lambda s: answer_of(s.client.post(path, content=chunks(), headers={"Content-Type": content_type}))
+
+
+def images(files: list[tuple[str, bytes]], label: str = "cat", dataset: int = 1) -> Attack:
+    return post(f"/datasets/{dataset}/images", data={"label": label}, files=[("files", f) for f in files])
+
+
+def archive(data: bytes) -> Attack:
+    return post("/datasets/1/archive", files={"file": ("a.zip", data, "application/zip")})
+
+
+def weights(data: bytes | Callable[[Server], bytes], name: str = "w.pt") -> Attack:
+    def run(s: Server) -> Answer:
+        payload = data(s) if callable(data) else data
+        return answer_of(
+            s.client.post("/weights", files={"file": (name, payload, "application/octet-stream")})
+        )
+
+    return run
+
+
+def job(**spec: Any) -> Attack:
+    return post("/jobs", json={"dataset_id": 1, "model": "lenet", **spec})
+
+
+def raw_multipart(path: str, parts: list[tuple[bytes, bytes]]) -> Attack:
+    content_type, body = multipart(parts)
+    return post(path, content=body, headers={"Content-Type": content_type})
+
+
+def timed(attack: Attack, seconds: float) -> Attack:
+    def run(s: Server) -> Answer:
+        started = time.perf_counter()
+        result = attack(s)
+        assert time.perf_counter() - started < seconds, "must be refused quickly"
+        return result
+
+    return run
+
+
+PNG = noise_png(100)
+BIG = b"\x89PNG" + bytes(100_001)
+BEARER_UPLOAD = "POST /datasets/1/images HTTP/1.1\nHost: x\nAuthorization: Bearer {key}\n"
+CASES: list[tuple[str, Attack, int, str]] = [
+    # ---- access
+    ("no Authorization header", unauthorised("GET", "/datasets"), 401, "missing API key"),
+    (
+        "wrong key",
+        unauthorised("GET", "/jobs", {"Authorization": "Bearer wrong-key"}),
+        401,
+        "invalid API key",
+    ),
+    (
+        "Basic scheme",
+        unauthorised("GET", "/jobs", {"Authorization": "Basic YmF0dGVyeS1rZXk="}),
+        401,
+        "API key",
+    ),
+    (
+        "prefix of the key",
+        unauthorised("GET", "/jobs", {"Authorization": f"Bearer {KEY[:-1]}"}),
+        401,
+        "invalid",
+    ),
+    ("key with a suffix", unauthorised("GET", "/jobs", {"Authorization": f"Bearer {KEY}x"}), 401, "invalid"),
+    (
+        "upload without a key",
+        unauthorised("POST", "/datasets/1/images", files={"files": ("a.png", PNG)}),
+        401,
+        "API key",
+    ),
+    (
+        "50 MB upload without a key: 401 before the body is sent",
+        raw(
+            "POST /datasets/1/images HTTP/1.1\nHost: x\nContent-Type: multipart/form-data; boundary=b\n"
+            "Content-Length: 50000000\n"
+        ),
+        401,
+        "API key",
+    ),
+    (
+        "weights upload without a key",
+        unauthorised("POST", "/weights", files={"file": ("w.pt", b"x")}),
+        401,
+        "API key",
+    ),
+    # ---- sizes
+    (
+        "Content-Length over the upload limit: 413 before the body is sent",
+        raw(BEARER_UPLOAD + "Content-Type: multipart/form-data; boundary=b\nContent-Length: 50000000\n"),
+        413,
+        "1000000-byte limit",
+    ),
+    (
+        "chunked upload with no Content-Length over the limit",
+        chunked(
+            "/datasets/1/images",
+            3_000_000,
+            "multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n',
+        ),
+        413,
+        "1000000-byte limit",
+    ),
+    (
+        "chunked JSON body over the limit",
+        chunked("/jobs", 500_000, "application/json"),
+        413,
+        "65536-byte limit",
+    ),
+    (
+        "JSON body with Content-Length over the limit",
+        post("/datasets", content=b"{" + b" " * 70_000 + b"}", headers={"Content-Type": "application/json"}),
+        413,
+        "65536-byte limit",
+    ),
+    ("Content-Length not a number", raw(BEARER_UPLOAD + "Content-Length: 12abc\n"), 400, ""),
+    (
+        "image over the per-file limit (alone)",
+        images([("big.png", BIG)]),
+        422,
+        "big.png: larger than the 100000-byte image limit",
+    ),
+    (
+        "more files than allowed",
+        images([(f"{i}.png", noise_png(200 + i)) for i in range(21)]),
+        413,
+        "too many files in one request; the limit is 20",
+    ),
+    (
+        "1 MB label (form field)",
+        post("/datasets/1/images", data={"label": "x" * 10_000}, files=[("files", ("a.png", PNG))]),
+        413,
+        "form field 'label' is larger than the 4096-byte limit",
+    ),
+    ("archive over the archive limit", archive(bytes(600_000)), 413, "500000"),
+    ("weights over the weights limit", weights(bytes(250_000)), 413, "200000"),
+    (
+        "predict image over the image limit",
+        post("/predict", data={"job_id": "1"}, files={"file": ("a.png", BIG)}),
+        413,
+        "100000-byte image limit",
+    ),
+    (
+        "1001 form fields",
+        raw_multipart(
+            "/datasets/1/images",
+            [(f'Content-Disposition: form-data; name="f{i}"'.encode(), b"1") for i in range(1001)],
+        ),
+        400,
+        "Too many fields",
+    ),
+    # ---- images
+    (
+        "30000x30000 PNG of a few bytes (decompression bomb)",
+        timed(images([("bomb.png", png_declaring(30000, 30000))]), 5),
+        422,
+        "bomb.png: image too large: over the limit of 4000000 pixels",
+    ),
+    ("PSD renamed .png", images([("photo.png", psd_header())]), 422, "not a supported image"),
+    ("EPS (PostScript) renamed .png", images([("doc.png", eps_bytes())]), 422, "not a supported image"),
+    ("truncated PNG", images([("half.png", PNG[: len(PNG) // 2])]), 422, "half.png"),
+    ("text file as image", images([("notes.txt", b"hello")]), 422, "notes.txt: not a supported image"),
+    (
+        "predict with a bomb PNG",
+        post("/predict", data={"job_id": "1"}, files={"file": ("b.png", png_declaring(30000, 30000))}),
+        409,
+        "no checkpoint",
+    ),
+    # ---- content types
+    (
+        "POST /datasets as text/plain",
+        post("/datasets", content=b'{"name": "x"}', headers={"Content-Type": "text/plain"}),
+        422,
+        "",
+    ),
+    ("POST /jobs as a form", post("/jobs", data={"dataset_id": "1", "model": "lenet"}), 422, ""),
+    ("images as JSON", post("/datasets/1/images", json={"label": "cat", "files": ["a"]}), 422, ""),
+    (
+        "multipart without a boundary",
+        post("/datasets/1/images", content=b"--x\r\n", headers={"Content-Type": "multipart/form-data"}),
+        400,
+        "boundary",
+    ),
+    (
+        "garbage multipart",
+        post(
+            "/datasets/1/images",
+            content=b"\x00\xff" * 100,
+            headers={"Content-Type": "multipart/form-data; boundary=zz"},
+        ),
+        400,
+        "Invalid multipart data",
+    ),
+    ("weights as a form field, not a file", post("/weights", data={"file": "abc"}), 422, ""),
+    # ---- names and strings
+    (
+        "invalid UTF-8 in a JSON body",
+        post("/datasets", content=b'{"name": "\xff\xfe"}', headers={"Content-Type": "application/json"}),
+        400,
+        "error parsing the body",
+    ),
+    ("NUL in a dataset name", post("/datasets", json={"name": "a\x00b"}), 422, "pattern"),
+    ("empty dataset name", post("/datasets", json={"name": ""}), 422, ""),
+    ("201-character dataset name", post("/datasets", json={"name": "x" * 201}), 422, ""),
+    (
+        "invalid UTF-8 file name (not an image)",
+        raw_multipart(
+            "/datasets/1/images",
+            [
+                (b'Content-Disposition: form-data; name="label"', b"cat"),
+                (b'Content-Disposition: form-data; name="files"; filename="\xff\xfe\x00.png"', b"nope"),
+            ],
+        ),
+        422,
+        "not a supported image",
+    ),
+    (
+        "invalid UTF-8 label",
+        raw_multipart(
+            "/datasets/1/images",
+            [
+                (b'Content-Disposition: form-data; name="label"', b"\xff\xfe\x01"),
+                (b'Content-Disposition: form-data; name="files"; filename="a.png"', PNG),
+            ],
+        ),
+        422,
+        "label",
+    ),
+    ("label with a slash", images([("a.png", PNG)], label="../../etc"), 422, "label contains a slash"),
+    ("101-character label", images([("a.png", PNG)], label="x" * 101), 422, "longer than 100"),
+    ("SQL in a label (file not an image)", images([("a.txt", b"x")], label="cat' OR '1'='1"), 422, "a.txt"),
+    ("SQL in a query parameter", get("/jobs", params={"status": "queued' OR 1=1--"}), 422, ""),
+    ("SQL in a path id", get("/datasets/1 OR 1=1"), 422, ""),
+    (
+        "SQL in the Idempotency-Key of a bad spec",
+        post("/jobs", json={"dataset_id": 1}, headers={"Idempotency-Key": "'; DROP TABLE training_job;--"}),
+        422,
+        "model",
+    ),
+    (
+        "10000-deep nested JSON",
+        post("/jobs", content=b"[" * 10_000 + b"]" * 10_000, headers={"Content-Type": "application/json"}),
+        400,
+        "",
+    ),
+    # ---- numbers in the spec
+    *[
+        (f"spec {field}={value!r}", job(**{field: value}), 422, field)
+        for field, value in [
+            ("epochs", -1),
+            ("epochs", 0),
+            ("epochs", 10**12),
+            ("batch_size", 0),
+            ("batch_size", 10**9),
+            ("lr", -0.1),
+            ("lr", 0),
+            ("lr", 1e308),
+            ("image_size", 10**100),
+            ("image_size", -5),
+            ("seed", -1),
+            ("seed", 2**64),
+            ("milestones", [10**20]),
+            ("step_size", 10**30),
+            ("val_fraction", 1.5),
+            ("dataset_id", 2**40),
+            ("dataset_id", -1),
+            ("dataset_id", "1; DROP TABLE dataset"),
+            ("init_from_job", 0),
+            ("init_from_weights", 2**63),
+            ("model", "../../etc/passwd"),
+            ("model", "lenet'; DROP TABLE training_job;--"),
+            ("unknown_option", 1),
+        ]
+    ],
+    (
+        "Infinity mixup_alpha",
+        post(
+            "/jobs",
+            content=b'{"dataset_id": 1, "model": "lenet", "mixup_alpha": Infinity}',
+            headers={"Content-Type": "application/json"},
+        ),
+        422,
+        "mixup_alpha",
+    ),
+    (
+        "NaN learning rate",
+        post(
+            "/jobs",
+            content=b'{"dataset_id": 1, "model": "lenet", "lr": NaN}',
+            headers={"Content-Type": "application/json"},
+        ),
+        422,
+        "lr",
+    ),
+    # ---- ids that do not exist, path traversal
+    ("unknown dataset", get("/datasets/999999"), 404, "dataset 999999 not found"),
+    ("unknown job metrics", get("/jobs/999999/metrics"), 404, "job 999999 not found"),
+    ("unknown job checkpoint", get("/jobs/999999/checkpoint"), 404, "job 999999 not found"),
+    ("unknown weights", get("/weights/999999"), 404, "weights 999999 not found"),
+    ("job without checkpoint", get("/jobs/1/checkpoint"), 409, ""),
+    ("cancel unknown job", post("/jobs/999999/cancel"), 404, "not found"),
+    (
+        "images into unknown dataset",
+        images([("a.png", PNG)], dataset=999999),
+        404,
+        "dataset 999999 not found",
+    ),
+    (
+        "predict unknown job",
+        post("/predict", data={"job_id": "999999"}, files={"file": ("a.png", PNG)}),
+        404,
+        "not found",
+    ),
+    ("job on unknown dataset", job(dataset_id=999999), 404, "dataset 999999 not found"),
+    ("id 0", get("/datasets/0"), 422, ""),
+    ("id 2**31", get("/jobs/2147483648"), 422, ""),
+    ("id 2**64", get("/weights/18446744073709551616"), 422, ""),
+    ("id 1.5", get("/jobs/1.5"), 422, ""),
+    (
+        "encoded traversal in an id",
+        raw("GET /datasets/..%2f..%2fetc%2fpasswd HTTP/1.1\nHost: x\nAuthorization: Bearer {key}\n"),
+        404,
+        "",
+    ),
+    (
+        "raw ../ traversal",
+        raw("GET /jobs/1/../../../etc/passwd HTTP/1.1\nHost: x\nAuthorization: Bearer {key}\n"),
+        404,
+        "",
+    ),
+    (
+        "traversal under /weights",
+        raw("GET /weights/..%2F..%2Fvar%2Ftrainserve.db HTTP/1.1\nHost: x\nAuthorization: Bearer {key}\n"),
+        404,
+        "",
+    ),
+    ("traversal under /docs", raw("GET /docs/../../etc/passwd HTTP/1.1\nHost: x\n"), 404, ""),
+    ("DELETE a dataset (no such method)", lambda s: answer_of(s.client.delete("/datasets/1")), 405, ""),
+    # ---- archives
+    (
+        "zip slip only",
+        archive(zip_entries([("../evil.png", PNG), ("/abs/x.png", PNG), ("C:/w/x.png", PNG)])),
+        422,
+        "unsafe path",
+    ),
+    ("overlapping-entry zip bomb", timed(archive(overlapping_zip()), 5), 422, "overlap"),
+    (
+        "declared-size zip bomb",
+        timed(archive(zip_bytes([("cat/a.png", b"\x00" * 3_000_000)])), 5),
+        413,
+        "2000000",
+    ),
+    (
+        "too many entries",
+        archive(zip_bytes([(f"cat/{i}", b"") for i in range(101)])),
+        413,
+        "the limit is 100",
+    ),
+    (
+        "nested archive only",
+        archive(zip_bytes([("cat/inner.zip", zip_bytes([("dog/a.png", PNG)]))])),
+        422,
+        "nested archive",
+    ),
+    ("symlink only", archive(symlink_zip()), 422, "no images"),
+    (
+        "non-image entries",
+        archive(zip_bytes([("cat/readme.txt", b"hi"), ("cat/run.sh", b"rm -rf /")])),
+        422,
+        "cat/run.sh",
+    ),
+    ("not a zip", archive(b"PK\x03\x04 not really"), 422, "not a zip"),
+    ("empty archive file", archive(b""), 422, "empty"),
+    # ---- weights
+    (
+        "pickle that writes a file (torch.save)",
+        weights(lambda s: pickle_payload(s.folder)),
+        422,
+        "weights_only",
+    ),
+    (
+        "plain pickle that writes a file",
+        weights(lambda s: plain_pickle_payload(s.folder)),
+        422,
+        "weights_only",
+    ),
+    (
+        "safetensors header length 2**63",
+        weights(struct.pack("<Q", 2**63) + b"{}", "w.safetensors"),
+        422,
+        "file:",
+    ),
+    (
+        "safetensors tensor past the end",
+        weights(
+            struct.pack("<Q", 60) + b'{"w":{"dtype":"F32","shape":[1000],"data_offsets":[0,4000]}}',
+            "w.safetensors",
+        ),
+        422,
+        "safetensors",
+    ),
+    ("PNG as weights", weights(PNG), 422, "file:"),
+    ("empty weights file", weights(b""), 422, "empty"),
+]
+
+
+@pytest.mark.parametrize(("name", "attack", "status", "message"), CASES, ids=[c[0] for c in CASES])
+def test_hostile_request_is_refused_and_changes_nothing(
+    server: Server, name: str, attack: Attack, status: int, message: str
+) -> None:
+    before = snapshot(server.database_url)
+    answer = attack(server)
+    print(f"\n| {name} | {answer.status} | {answer.detail[:160]!r} |")
+    assert answer.status == status, (name, answer)
+    assert message in answer.detail, (name, answer)
+    if status == 401:
+        assert answer.headers.get("www-authenticate") == "Bearer"
+    health = httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert snapshot(server.database_url) == before
+    assert not (server.folder / PAYLOAD_MARKER_NAME).exists(), "a pickle payload ran"
+
+
+def test_no_cors_headers_without_configured_origins(server: Server) -> None:
+    response = server.client.get("/datasets", headers={"Origin": "https://evil.example"})
+    assert response.status_code == 200
+    assert "access-control-allow-origin" not in response.headers
+    preflight = httpx.options(
+        f"http://127.0.0.1:{server.port}/datasets",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_archive_is_never_extracted_to_disk(server: Server, tmp_path: Path) -> None:
+    before = {p for p in server.folder.rglob("*")}
+    data = zip_entries([("../../escaped.png", PNG), ("cat/../../../escaped2.png", PNG), ("cat/ok.txt", b"x")])
+    assert server.client.post("/datasets/1/archive", files={"file": ("a.zip", data)}).status_code == 422
+    assert {p for p in server.folder.rglob("*")} - before <= {
+        server.folder / "db.sqlite-wal",
+        server.folder / "db.sqlite-shm",
+    }
+    # where the entry names point from the server's working directory (the test's) and its data folder
+    places = {Path.cwd(), *Path.cwd().parents, server.folder, *server.folder.parents}
+    assert not [path for place in places for path in place.glob("escaped*.png")]

@@ -1,0 +1,78 @@
+"""The audit of issue 7, kept true: no code fetches a URL or opens a file named by a client.
+
+Everything stored is addressed by server-made ids, so the service code needs no HTTP client and opens no
+file but the few below, whose paths come from the operator's settings or the model registry.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICE_PACKAGES = ("app", "models", "workers")
+NETWORK_MODULES = {"httpx", "requests", "urllib", "urllib3", "aiohttp", "http", "socket", "ftplib", "smtplib"}
+FILE_CALLS = {
+    "open",
+    "write_bytes",
+    "write_text",
+    "read_bytes",
+    "read_text",
+    "extract",
+    "extractall",
+    "load_state_dict_from_url",
+    "download_url_to_file",
+    "urlretrieve",
+    "mkdir",
+    "load",
+}
+# file -> the calls it may make, and why they are safe.
+ALLOWED = {
+    # the SQLite file's folder, from TRAINSERVE_DATABASE_URL (the operator's setting)
+    "app/db/engine.py": {"mkdir"},
+    # zip members opened by their ZipInfo, in memory: never a path on disk
+    "app/services/archives.py": {"open"},
+    # torch.load of the torchvision file named by the model registry (weights_only)
+    "models/pretrained.py": {"load"},
+    # torch.load(BytesIO(upload), weights_only=True): bytes in memory, never a path
+    "models/weights_file.py": {"load"},
+    # Image.open(BytesIO(...)); image.load() decodes the bytes in memory
+    "models/preprocessing.py": {"open", "load"},
+    # safetensors / json loads of bytes in memory
+    "models/checkpoint.py": {"load"},
+    "workers/resume.py": {"load"},
+}
+
+
+def python_files() -> list[Path]:
+    return sorted(path for package in SERVICE_PACKAGES for path in (ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", python_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_network_client_and_no_unlisted_file_access(path: Path) -> None:
+    relative = str(path.relative_to(ROOT))
+    tree = ast.parse(path.read_text(), filename=relative)
+    imported: set[str] = set()
+    calls: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            imported.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = (
+                func.attr
+                if isinstance(func, ast.Attribute)
+                else func.id
+                if isinstance(func, ast.Name)
+                else ""
+            )
+            if name in FILE_CALLS:
+                calls.add(name)
+    if relative == "workers/loop.py":
+        imported -= {"socket"}  # socket.gethostname() names the worker; no connection is made
+    assert imported & NETWORK_MODULES == set(), f"{relative} imports a network client"
+    assert calls - ALLOWED.get(relative, set()) == set(), f"{relative} touches files: {sorted(calls)}"
