@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import tomllib
+import urllib.request
 from importlib import metadata
 from pathlib import Path
 
@@ -98,15 +99,29 @@ def pyproject_problems() -> list[str]:
     return problems
 
 
+def service_reachable(url: str = "https://pypi.org/pypi/pip/json", timeout: float = 10) -> str | None:
+    """None when PyPI answers; else why not. Checked first, so an offline machine fails fast instead
+    of waiting out one timeout per package."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            response.read(1)
+    except (OSError, ValueError) as exc:
+        return f"PyPI is unreachable ({exc})"
+    return None
+
+
 def online_audit(requirements: Path | None) -> tuple[list[str], list[str], str | None]:
     """(vulnerabilities found, packages not audited, why the whole audit could not run)."""
+    unreachable = service_reachable()
+    if unreachable:
+        return [], [], unreachable
     command = [sys.executable, "-m", "pip_audit", "--format", "json", "--progress-spinner", "off"]
     command += ["--timeout", "20"]
     command += (
         ["-r", str(requirements), "--no-deps", "--disable-pip"] if requirements else ["--skip-editable"]
     )
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return [], [], f"pip-audit did not run: {exc}"
     try:

@@ -54,24 +54,26 @@ class BodyLimit:
 
 
 def body_limit(method: str, path: str, settings: Settings) -> BodyLimit:
-    """The byte budget (and per-file limits) of one request, by route."""
+    """The byte budget (and per-file limits) of one request, by route; any route not named here
+    (JSON bodies) gets `max_body_bytes`. A new upload route needs its line here."""
     field = settings.max_form_field_bytes
-    if method == "POST":
-        if re.fullmatch(r"/datasets/[^/]+/images", path):
-            upload = UploadLimits(
-                settings.max_image_bytes, settings.max_files_per_request, field, refuse_oversized=False
-            )
-            return BodyLimit(settings.max_request_bytes, upload)
-        single_file = {
-            "archive": (settings.max_archive_bytes, "archive"),
-            "predict": (settings.max_image_bytes, "image"),
-            "weights": (settings.max_weights_bytes, "weights file"),
-        }
-        kind = "archive" if re.fullmatch(r"/datasets/[^/]+/archive", path) else path.strip("/")
-        if kind in single_file:
-            size, name = single_file[kind]
-            upload = UploadLimits(size, 1, field, refuse_oversized=True)
-            return BodyLimit(size + MULTIPART_OVERHEAD, upload, what=f"a {size}-byte {name}")
+    if method != "POST":
+        return BodyLimit(settings.max_body_bytes)
+    single: tuple[int, str] | None = {
+        "/predict": (settings.max_image_bytes, "image"),
+        "/weights": (settings.max_weights_bytes, "weights file"),
+    }.get(path)
+    if re.fullmatch(r"/datasets/[^/]+/archive", path):
+        single = (settings.max_archive_bytes, "archive")
+    if single is not None:
+        size, name = single
+        upload = UploadLimits(size, 1, field, refuse_oversized=True)
+        return BodyLimit(size + MULTIPART_OVERHEAD, upload, what=f"a {size}-byte {name}")
+    if re.fullmatch(r"/datasets/[^/]+/images", path):
+        upload = UploadLimits(
+            settings.max_image_bytes, settings.max_files_per_request, field, refuse_oversized=False
+        )
+        return BodyLimit(settings.max_request_bytes, upload)
     return BodyLimit(settings.max_body_bytes)
 
 

@@ -50,6 +50,7 @@ def fake_pip_audit(monkeypatch: pytest.MonkeyPatch, audit: ModuleType, report: d
         return subprocess.CompletedProcess([], 1, stdout=json.dumps(report), stderr="")
 
     monkeypatch.setattr(audit.subprocess, "run", run)
+    monkeypatch.setattr(audit, "service_reachable", lambda: None)
 
 
 def test_online_findings_are_reported(monkeypatch: pytest.MonkeyPatch, audit: ModuleType) -> None:
@@ -79,3 +80,12 @@ def test_a_service_that_answers_for_nothing_is_not_a_pass(
     assert found == []
     assert skipped == [f"torch: {reason}"]
     assert unavailable == "the vulnerability service answered for none of the packages"
+
+
+def test_an_unreachable_service_is_said_at_once(monkeypatch: pytest.MonkeyPatch, audit: ModuleType) -> None:
+    def never(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("pip-audit must not be started when PyPI cannot be reached")
+
+    monkeypatch.setattr(audit.subprocess, "run", never)
+    monkeypatch.setattr(audit, "service_reachable", lambda: "PyPI is unreachable (no route)")
+    assert audit.online_audit(None) == ([], [], "PyPI is unreachable (no route)")
