@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 
 from PIL import Image as PILImage
-from PIL import ImageOps
 from sqlalchemy import select
 from sqlalchemy.orm import Session, undefer
 
 from app.core.errors import Invalid, NotFound
 from app.db.tables import Image
 from app.services.datasets import get_dataset
+from models.preprocessing import ImageDecodeError, decode_image
 
 
 def list_images(
@@ -34,8 +34,11 @@ def thumbnail_png(session: Session, *, dataset_id: int, image_id: int, size: int
         raise NotFound(f"image {image_id} not found in dataset {dataset_id}")
     if image.width * image.height > max_pixels:
         raise Invalid(f"image {image_id} has more than {max_pixels} pixels")
-    with PILImage.open(io.BytesIO(image.data)) as source:
-        picture = ImageOps.exif_transpose(source)
+    try:  # the same allow-listed, bounded decode as uploads and training
+        picture = decode_image(image.data, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        raise Invalid(f"image {image_id}: {exc}") from None
+    with picture:
         if picture.mode not in ("L", "RGB", "RGBA"):
             picture = picture.convert("RGBA" if "A" in picture.getbands() else "RGB")
         scale = min(size / picture.width, size / picture.height, 4.0)

@@ -46,8 +46,30 @@ ALLOWED = {
 }
 
 
+# The terminal client (`trainserve submit/jobs/predict`) runs on the user's machine: it is an HTTP client
+# of the URL its user gives and reads the spec and image files its user names. The server never runs it.
+CLIENT_PACKAGE = ROOT / "app" / "client"
+
+
 def python_files() -> list[Path]:
-    return sorted(path for package in SERVICE_PACKAGES for path in (ROOT / package).rglob("*.py"))
+    return sorted(
+        path
+        for package in SERVICE_PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+        if CLIENT_PACKAGE not in path.parents
+    )
+
+
+def test_the_server_never_imports_the_terminal_client() -> None:
+    for path in python_files():
+        if path == ROOT / "app" / "cli.py":
+            continue  # the command line dispatches to the client's subcommands
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith("app.client"), f"{path} imports the terminal client"
+            elif isinstance(node, ast.Import):
+                assert all(not a.name.startswith("app.client") for a in node.names), path
 
 
 @pytest.mark.parametrize("path", python_files(), ids=lambda p: str(p.relative_to(ROOT)))
