@@ -75,6 +75,7 @@ class JobReporter:
         self.progress: dict[str, Any] = {}
         self.cancel_requested = False
         self.lease_lost = False
+        self._lost: queue.LeaseLost | None = None  # what the background thread was told, kept for the log
         self._estimator = ProgressEstimator()
         self._lock = threading.Lock()  # guards `progress` and `_dirty`
         self._write_lock = threading.Lock()  # one write at a time, so an older snapshot never lands last
@@ -100,7 +101,8 @@ class JobReporter:
                 continue
             try:
                 self._write()
-            except queue.LeaseLost:
+            except queue.LeaseLost as exc:
+                self._lost = exc
                 self.lease_lost = True
                 return
             except Exception:  # a database hiccup: the next round tries again
@@ -135,7 +137,7 @@ class JobReporter:
 
     def stop_reason(self) -> str | None:
         if self.lease_lost:
-            raise queue.LeaseLost(f"job {self.lease.job_id}: the lease was lost (another worker took over)")
+            raise queue.LeaseLost(str(self._lost or f"job {self.lease.job_id}: the lease was lost"))
         if self.cancel_requested:
             return "cancelled"
         if self.shutdown.is_set():
