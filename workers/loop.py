@@ -14,7 +14,9 @@ from types import FrameType
 from app.core.config import Settings, get_settings
 from app.db.session import read_scope, session_scope
 from app.db.tables import JobStatus
-from app.services import queue
+from app.services import gang, queue
+from workers.distributed import distributed_spec, run_distributed
+from workers.gang import SlotCooldown, serve_slot
 from workers.training import JobError, JobReporter, run_training
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,11 @@ def run_one(lease: queue.Lease, settings: Settings, shutdown: threading.Event) -
     """Run a claimed job to its end and record the outcome; a failure never escapes to the loop."""
     try:
         with JobReporter(lease, settings, shutdown) as reporter:
-            status, reason = run_training(lease, settings, reporter)
+            spec = distributed_spec(lease, settings)  # several processes or nodes: torch.distributed
+            if spec is not None:
+                status, reason = run_distributed(lease, settings, reporter, spec=spec)
+            else:
+                status, reason = run_training(lease, settings, reporter)
     except queue.LeaseLost as exc:
         log.warning("job %s: %s; abandoning it", lease.job_id, exc)
         return None
@@ -63,6 +69,7 @@ def claim(settings: Settings, worker_id: str, *, recover_stale: bool = True) -> 
                 lease_timeout_seconds=settings.lease_timeout_seconds,
                 max_attempts=settings.max_attempts,
             )
+            gang.cleanup_slots(session, stale_after_seconds=settings.lease_timeout_seconds)
     with read_scope(settings) as session:
         if not queue.has_queued_job(session):
             return None
@@ -76,12 +83,19 @@ def serve(settings: Settings, *, once: bool = False, shutdown: threading.Event |
     worker_id = make_worker_id()
     log.info("worker %s serving %s", worker_id, settings.database_url.split("@")[-1])
     last_recovery = float("-inf")
+    cooldown = SlotCooldown()
     while not shutdown.is_set():
         # Looking for stale jobs takes a write lock: do it once per heartbeat interval, not every poll.
         recover = time.monotonic() - last_recovery >= settings.heartbeat_seconds
         if recover:
             last_recovery = time.monotonic()
         lease = claim(settings, worker_id, recover_stale=recover)
+        if lease is None and serve_slot(
+            settings, worker_id, shutdown, cooldown, lambda lease: run_one(lease, settings, shutdown)
+        ):
+            if once:
+                return 0
+            continue  # multi-node jobs: a slot was held (and the job run, or the slot given back)
         if lease is None:
             if once:
                 return 0

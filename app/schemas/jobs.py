@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -110,6 +110,26 @@ class JobSpec(BaseModel):
     )
     min_delta: float = Field(default=0.0, ge=0, description="Smallest change that counts as improvement.")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    # Data-parallel training (torch.distributed: DDP over gloo on the CPU, nccl on CUDA).
+    devices: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        default=1,
+        description="Processes per node: an integer, or `auto` for every GPU the worker sees (1 on a CPU "
+        "worker). More than one on a CPU worker runs that many gloo processes.",
+    )
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Workers (machines) the job runs on; more than 1 waits until that many workers hold "
+        "one of its slots (gang scheduling).",
+    )
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        default="none",
+        description="How `lr` follows the world size (batch_size is per process, so the effective batch is "
+        "batch_size x accumulate_steps x processes): `none` keeps `lr`; `linear` multiplies it by the number "
+        "of processes (Goyal et al.); `sqrt` by its square root.",
+    )
 
     @field_validator("model")
     @classmethod
