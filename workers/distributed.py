@@ -294,7 +294,7 @@ def result_from_confusion(confusion: torch.Tensor, *, loss_sum: float, top5_hits
     common: dict[str, Any] = {"num_classes": num_classes, "zero_division": 0}
     return EvalResult(
         loss=loss_sum / samples,
-        accuracy=float(confusion.diagonal().sum()) / samples,
+        accuracy=float((preds == truth).float().mean()),  # as `evaluate` computes it, to the last bit
         top5=top5_hits / samples if num_classes > 5 else None,
         precision=float(multiclass_precision(preds, truth, average="macro", **common)),
         recall=float(multiclass_recall(preds, truth, average="macro", **common)),
@@ -395,7 +395,9 @@ def rank_main(args: RankArgs) -> tuple[str, str]:
         status, reason = run_training(args.lease, args.settings, reporter, dist=context)  # type: ignore[arg-type]
         return context.broadcast_outcome((status.value, reason) if context.is_writer else None)
     finally:
+        log.info("DEBUG destroying")
         torch_dist.destroy_process_group()
+        log.info("DEBUG destroyed")
 
 
 # --------------------------------------------------------------------------------------------------------

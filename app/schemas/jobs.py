@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -13,6 +13,9 @@ from models.registry import MODELS
 def _earlier(info: ValidationInfo, name: str) -> Any:
     """A field validated before this one (absent when that field itself was invalid)."""
     return info.data.get(name)
+
+
+MAX_DEVICES = 64
 
 
 class JobSpec(BaseModel):
@@ -112,7 +115,7 @@ class JobSpec(BaseModel):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
     # Data-parallel training (torch.distributed: DDP over gloo on the CPU, nccl on CUDA).
-    devices: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+    devices: int | Literal["auto"] = Field(
         default=1,
         description="Processes per node: an integer, or `auto` for every GPU the worker sees (1 on a CPU "
         "worker). More than one on a CPU worker runs that many gloo processes.",
@@ -163,6 +166,14 @@ class JobSpec(BaseModel):
                 f"image_size {value} is too small for {model} (at least {MODELS[model].min_image_size})"
             )
         return value
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: object) -> object:
+        # One clear message instead of one error per member of the union.
+        if value == "auto" or (type(value) is int and 1 <= value <= MAX_DEVICES):
+            return value
+        raise ValueError(f"devices must be an integer from 1 to {MAX_DEVICES}, or 'auto'")
 
     @field_validator("milestones")
     @classmethod
