@@ -151,17 +151,27 @@ def run_world(case: Case, processes: int) -> float:
 
 
 def report(title: str, case: Case, processes: int) -> None:
+    unit = "GPU" if case.device == "cuda" else "process"
+    rows = []
     if case.device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        # On the CPU a "device" is a process with its share of the cores: efficiency compares N of them
+        # with one such process. A single-process job uses every core, so that row is shown too.
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(cores)
+        whole = statistics.median(run_epochs(case, dist=None))
+        rows.append(f"| 1 process, {cores} threads (a `devices: 1` job) | {whole:,.0f} | | |")
+        torch.set_num_threads(max(1, cores // processes))
     one = statistics.median(run_epochs(case, dist=None))
     many = run_world(case, processes)
     efficiency = many / (processes * one)
-    unit = "GPU" if case.device == "cuda" else "process"
     print(f"\n{title}: {case.model}, {case.image_size} px, batch {case.batch_size} per {unit}")
-    print(f"| {unit}es | images/s | speed-up | scaling efficiency |".replace("GPUes", "GPUs"))
+    print(f"| {unit}s | images/s | speed-up | scaling efficiency |")
     print("| --- | --- | --- | --- |")
-    print(f"| 1 | {one:,.0f} | 1.00x | 100% |")
-    print(f"| {processes} | {many:,.0f} | {many / one:.2f}x | {efficiency:.0%} |")
+    for row in rows:
+        print(row)
+    threads = f", {torch.get_num_threads()} thread(s) each" if case.device == "cpu" else ""
+    print(f"| 1{threads} | {one:,.0f} | 1.00x | 100% |")
+    print(f"| {processes}{threads} | {many:,.0f} | {many / one:.2f}x | {efficiency:.0%} |")
 
 
 def main() -> None:

@@ -60,12 +60,14 @@ STOP_CODES = {None: 0, "shutdown": 1, "cancelled": 2, "lease_lost": 3}
 STOP_REASONS = {code: reason for reason, code in STOP_CODES.items()}
 # Failures of the world itself (a rank killed, a peer gone), not of the job: the job resumes.
 INFRASTRUCTURE_ERRORS = (
-    "DistBackendError",
-    "DistNetworkError",
-    "DistStoreError",
-    "DistError",
-    "Gloo",
-    "NCCL",
+    "disterror",
+    "distbackenderror",
+    "distnetworkerror",
+    "diststoreerror",
+    "connection closed by peer",
+    "connection reset by peer",
+    "gloo",
+    "nccl",
 )
 
 
@@ -493,7 +495,7 @@ def _classify_failure(error: ChildFailedError, lease: queue.Lease) -> tuple[JobS
     for _rank, code, message in failures:
         if code > 0 and message.startswith("JobError"):
             raise JobError(message.removeprefix("JobError: "))
-    lost = [(r, c, m) for r, c, m in failures if c < 0 or m.startswith(INFRASTRUCTURE_ERRORS)]
+    lost = [(r, c, m) for r, c, m in failures if c < 0 or any(e in m.lower() for e in INFRASTRUCTURE_ERRORS)]
     if not lost:
         rank, code, message = failures[0]
         raise JobError(_describe(rank, code, message))
