@@ -406,8 +406,8 @@ def rank_main(args: RankArgs) -> tuple[str, str]:
 # In the worker.
 
 
-def _threads_per_rank(devices: int) -> int:
-    return max(1, (os.cpu_count() or 1) // devices)
+def _threads_per_rank(settings: Settings, devices: int) -> int:
+    return settings.rank_threads or max(1, (os.cpu_count() or 1) // devices)
 
 
 def launch(
@@ -553,7 +553,7 @@ def _run_node(
         world=world,
         run_dir=run_dir,
         parent_pid=os.getpid(),
-        threads=_threads_per_rank(world.devices),
+        threads=_threads_per_rank(settings, world.devices),
     )
     log.info(
         "job %s: starting %d rank(s) on this node (world size %d, %s, rendezvous %s)",

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     rendezvous_timeout_seconds: float = Field(
         default=120.0, gt=0, description="how long the nodes of a started multi-node job may take to join"
     )
+    rank_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch threads per rank of a distributed job on the CPU; default: the cores divided by "
+        "the node's ranks (set it when several workers share one machine)",
+    )
     collective_timeout_seconds: float = Field(
         default=300.0, gt=0, description="torch.distributed timeout for one collective (a stuck peer)"
     )

@@ -41,6 +41,8 @@ WORKER_SETTINGS = {
     "TRAINSERVE_ADVERTISE_HOST": "127.0.0.1",
     "TRAINSERVE_HEARTBEAT_SECONDS": "0.5",
     "TRAINSERVE_LEASE_TIMEOUT_SECONDS": "30",
+    # Two workers (two "nodes") share this machine's cores: one thread per rank, not all cores each.
+    "TRAINSERVE_RANK_THREADS": "1",
 }
 
 
