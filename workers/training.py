@@ -237,6 +237,8 @@ def run_training(
     )
 
     reporter.update(force=True, phase="caching", epoch=0, epochs=spec.epochs, done=0, total=len(records))
+    # dist: every rank decodes the dataset itself for now; with the node's shared decoded-image cache,
+    # local rank 0 fills it, the node's ranks meet at a barrier, and the others map it read-only.
     images = decode_dataset(
         settings,
         records,

@@ -41,8 +41,10 @@ WORKER_SETTINGS = {
     "TRAINSERVE_ADVERTISE_HOST": "127.0.0.1",
     "TRAINSERVE_HEARTBEAT_SECONDS": "0.5",
     "TRAINSERVE_LEASE_TIMEOUT_SECONDS": "30",
-    # Two workers (two "nodes") share this machine's cores: one thread per rank, not all cores each.
+    # Two workers (two "nodes") share this machine's cores: one thread per rank, not all cores each,
+    # and one per single-process job (oversubscribed OpenMP threads crawl on a loaded 2-core machine).
     "TRAINSERVE_RANK_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
 }
 
 
@@ -207,6 +209,7 @@ def sqlite_settings(tmp_path: Path) -> Settings:
     return make_settings(url)
 
 
+@pytest.mark.timeout(900)  # three 10-epoch jobs on the full digits: minutes on a loaded 2-core machine
 def test_two_processes_and_two_nodes_train_like_one_process(
     sqlite_settings: Settings, tmp_path: Path
 ) -> None:
