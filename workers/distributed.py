@@ -86,6 +86,7 @@ class World:
     node_slot: int = 0
     endpoint: str = "127.0.0.1:0"  # c10d rendezvous; port 0 on one node: the store picks a free port
     local_addr: str = "127.0.0.1"
+    members: tuple[str, ...] = ()  # the workers of a multi-node job, in slot order
 
     @property
     def world_size(self) -> int:
@@ -276,6 +277,7 @@ class Distributed:
             "lr_scaling": self.spec.lr_scaling,
             "lr": self.scaled_lr(),
             "base_lr": self.spec.lr,
+            **({"workers": list(self.world.members)} if self.world.members else {}),
         }
 
 
@@ -515,10 +517,11 @@ def run_distributed(
     if spec.nodes > 1:
         with read_scope(settings) as session:
             endpoint = gang.slot_endpoint(session, lease)
+            members = tuple(gang.gang_workers(session, lease))
         if endpoint is None:
             raise JobError(f"job {lease.job_id}: no rendezvous endpoint was published for this attempt")
         host = advertised_host(settings)
-        world = replace(world, endpoint=endpoint, node_slot=0, local_addr=host)
+        world = replace(world, endpoint=endpoint, node_slot=0, local_addr=host, members=members)
 
     def stop_reason() -> str | None:
         try:
@@ -596,12 +599,19 @@ def run_member(
         job = session.get(TrainingJob, hold.job_id)
         assert job is not None
         spec = JobSpec.model_validate(job.spec)
+        members = tuple(gang.gang_workers(session, lease))
     try:
         world = plan_world(spec, settings)
     except WorldError as exc:
         log.error("job %s: cannot join as node %d: %s", hold.job_id, hold.slot, exc)
         return
-    world = replace(world, endpoint=state.endpoint, node_slot=hold.slot, local_addr=advertised_host(settings))
+    world = replace(
+        world,
+        endpoint=state.endpoint,
+        node_slot=hold.slot,
+        local_addr=advertised_host(settings),
+        members=members,
+    )
     try:
         status, reason = _run_node(
             lease, settings, spec, world, lambda: "shutdown" if shutdown.is_set() else None

@@ -148,6 +148,16 @@ def slot_endpoint(session: Session, lease: Lease) -> str | None:
     )
 
 
+def gang_workers(session: Session, lease: Lease) -> list[str]:
+    """The workers of this lease's attempt, in slot order (slot 0 first)."""
+    query = (
+        select(JobSlot.worker_id)
+        .where(JobSlot.job_id == lease.job_id, JobSlot.attempt == lease.attempt)
+        .order_by(JobSlot.slot)
+    )
+    return list(session.scalars(query))
+
+
 def release_slot(session: Session, hold: SlotHold) -> None:
     """Give this worker's slot back (waited too long, shutting down, or its part of the job is over)."""
     session.execute(

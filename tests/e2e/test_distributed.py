@@ -250,7 +250,7 @@ def test_two_processes_and_two_nodes_train_like_one_process(
         assert (info["effective_batch_size"], info["lr_scaling"], info["lr"]) == (32, "none", 0.001)
         info = jobs[two_nodes]["info"]
         assert (info["world_size"], info["nodes"], info["devices_per_node"]) == (2, 2, 1)
-        assert len(set(jobs[two_nodes]["progress"]["gang"])) == 2
+        assert len(set(info["workers"])) == 2  # two worker processes, one rank each
         assert jobs[single]["info"]["world_size"] == 1
 
         # Validation is over the whole split, exactly: the stored metrics of the best epoch are what one

@@ -57,6 +57,8 @@ def test_a_gang_job_starts_only_when_every_slot_is_held(client: TestClient, sett
         state = gang.refresh_slot(session, third)
         assert gang.slot_endpoint(session, lease) == "h:1234"
     assert (state.attempt, state.endpoint, state.lease_worker_id) == (1, "h:1234", "a")
+    with read_scope(settings) as session:
+        assert gang.gang_workers(session, lease) == ["a", "b", "c"]
     job = client.get(f"/jobs/{job_id}").json()
     assert job["status"] == "running" and job["progress"]["gang"] == ["a", "b", "c"]
 
