@@ -165,7 +165,9 @@ def report(title: str, case: Case, processes: int) -> None:
     many = run_world(case, processes)
     efficiency = many / (processes * one)
     print(f"\n{title}: {case.model}, {case.image_size} px, batch {case.batch_size} per {unit}")
-    print(f"| {unit}s | images/s | speed-up | scaling efficiency |")
+    print(
+        f"| {'GPUs' if case.device == 'cuda' else 'processes'} | images/s | speed-up | scaling efficiency |"
+    )
     print("| --- | --- | --- | --- |")
     for row in rows:
         print(row)
