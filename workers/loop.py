@@ -16,7 +16,9 @@ from sqlalchemy.exc import DBAPIError
 from app.core.config import Settings, get_settings
 from app.db.session import read_scope, session_scope
 from app.db.tables import JobStatus
-from app.services import queue
+from app.services import gang, queue
+from workers.distributed import distributed_spec, run_distributed
+from workers.gang import SlotCooldown, serve_slot
 from workers.joblog import JobLogCapture
 from workers.training import JobError, JobReporter, run_training
 
@@ -40,7 +42,11 @@ def _run_captured(
     log.info("job %s: claimed by %s (attempt %d)", lease.job_id, lease.worker_id, lease.attempt)
     try:
         with JobReporter(lease, settings, shutdown) as reporter:
-            status, reason = run_training(lease, settings, reporter)
+            spec = distributed_spec(lease, settings)  # several processes or nodes: torch.distributed
+            if spec is not None:
+                status, reason = run_distributed(lease, settings, reporter, spec=spec)
+            else:
+                status, reason = run_training(lease, settings, reporter)
     except queue.LeaseLost as exc:
         log.warning("job %s: %s; abandoning it", lease.job_id, exc)
         return None
@@ -76,6 +82,7 @@ def claim(settings: Settings, worker_id: str, *, recover_stale: bool = True) -> 
                 lease_timeout_seconds=settings.lease_timeout_seconds,
                 max_attempts=settings.max_attempts,
             )
+            gang.cleanup_slots(session, stale_after_seconds=settings.lease_timeout_seconds)
     with read_scope(settings) as session:
         if not queue.has_queued_job(session):
             return None
@@ -90,6 +97,7 @@ def serve(settings: Settings, *, once: bool = False, shutdown: threading.Event |
     log.info("worker %s serving %s", worker_id, settings.database_url.split("@")[-1])
     last_recovery = float("-inf")
     database_ready = True
+    cooldown = SlotCooldown()
     while not shutdown.is_set():
         # Looking for stale jobs takes a write lock: do it once per heartbeat interval, not every poll.
         recover = time.monotonic() - last_recovery >= settings.heartbeat_seconds
@@ -115,6 +123,12 @@ def serve(settings: Settings, *, once: bool = False, shutdown: threading.Event |
         if not database_ready:
             log.info("worker %s: database ready", worker_id)
             database_ready = True
+        if lease is None and serve_slot(
+            settings, worker_id, shutdown, cooldown, lambda lease: run_one(lease, settings, shutdown)
+        ):
+            if once:
+                return 0
+            continue  # multi-node jobs: a slot was held (and the job run, or the slot given back)
         if lease is None:
             if once:
                 return 0

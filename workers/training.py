@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -44,6 +44,9 @@ from workers.engine import (
 from workers.progress import JobReporter
 from workers.resume import TrainingState
 from workers.splits import stratified_split
+
+if TYPE_CHECKING:
+    from workers.distributed import Distributed
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +143,15 @@ def set_backbone_trainable(model: nn.Module, name: str, trainable: bool) -> None
         parameter.requires_grad_(trainable)
 
 
-def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) -> tuple[JobStatus, str]:
-    """Train the leased job; returns the final status and why it stopped. Raises on failure."""
+def run_training(
+    lease: queue.Lease, settings: Settings, reporter: JobReporter, *, dist: Distributed | None = None
+) -> tuple[JobStatus, str]:
+    """Train the leased job; returns the final status and why it stopped. Raises on failure.
+
+    With `dist` this is one rank of a data-parallel job (see workers.distributed): the hooks marked
+    `dist` shard the data, wrap the model in DDP and reduce the metrics, and only rank 0 writes.
+    """
+    writer = dist is None or dist.is_writer
     with read_scope(settings) as session:
         job = session.get(TrainingJob, lease.job_id)
         assert job is not None
@@ -180,18 +190,21 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         mean=model_info.mean,
         std=model_info.std,
     )
-    device = resolve_device(settings.device)
+    device = dist.device if dist is not None else resolve_device(settings.device)
     autocast_dtype, use_scaler = resolve_precision(spec.mixed_precision, device)
     resume_epoch = resume_from.epoch if resume_from is not None else 0
-    with session_scope(settings) as session:
-        queue.start_attempt(
-            session, lease, classes=classes, split_sizes=split_sizes, resume_epoch=resume_epoch
-        )
+    if writer:
+        with session_scope(settings) as session:
+            queue.start_attempt(
+                session, lease, classes=classes, split_sizes=split_sizes, resume_epoch=resume_epoch
+            )
     log.info(
         "job %s: %d images, %d classes, splits %s", lease.job_id, len(records), len(classes), split_sizes
     )
 
     reporter.update(force=True, phase="caching", epoch=0, epochs=spec.epochs, done=0, total=len(records))
+    # dist: every rank decodes the dataset itself for now; with the node's shared decoded-image cache,
+    # local rank 0 fills it, the node's ranks meet at a barrier, and the others map it read-only.
     images = decode_dataset(
         settings,
         records,
@@ -209,15 +222,17 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
     )
     init_report = previous_info.get("init", {}) if resume_from else initialise(model, spec, settings)
     model.to(device)
+    train_model = dist.wrap(model) if dist is not None else model  # `model` stays unwrapped: checkpoints
     optimizer = make_optimizer(
         model,
         name=spec.optimizer,
-        lr=spec.lr,
+        lr=dist.scaled_lr() if dist is not None else spec.lr,
         momentum=spec.momentum,
         weight_decay=spec.weight_decay,
         nesterov=spec.nesterov,
     )
-    batches_per_epoch = math.ceil(len(index["train"]) / spec.batch_size)
+    train_samples = dist.shard_size(len(index["train"])) if dist is not None else len(index["train"])
+    batches_per_epoch = math.ceil(train_samples / spec.batch_size)
     schedule = LRSchedule(
         optimizer,
         make_scheduler(
@@ -270,9 +285,13 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         "parameters": sum(p.numel() for p in model.parameters()),
         "image_cutoff_id": max((r.id for r in records), default=0),
         "resumed_from_epoch": resume_epoch or None,
+        "world_size": 1,
     }
-    with session_scope(settings) as session:
-        queue.set_job_info(session, lease, info=job_info)
+    if dist is not None:
+        job_info.update(dist.describe())
+    if writer:
+        with session_scope(settings) as session:
+            queue.set_job_info(session, lease, info=job_info)
 
     meta_base = {
         "architecture": spec.model,
@@ -319,18 +338,21 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
             if reason:
                 raise Stopped(reason)
 
+        train_indices, epoch_generator = index["train"], generator
+        if dist is not None:
+            train_indices, epoch_generator = dist.epoch_shard(index["train"], epoch)
         try:
             train = train_one_epoch(
-                model,
+                train_model,
                 train_criterion,
                 optimizer,
                 images,
                 targets,
-                index["train"],
+                train_indices,
                 batch_size=spec.batch_size,
                 preprocessing=preprocessing,
                 device=device,
-                generator=generator,
+                generator=epoch_generator,
                 augment=augment,
                 on_batch=on_batch,
                 mix=mix,
@@ -343,8 +365,10 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
             )
         except Stopped as stopped:
             return _stopped(stopped.reason, epoch - 1)
+        if dist is not None:
+            train = dist.reduce_train(train)
         reporter.update(phase="validating", epoch=epoch)
-        val = evaluate(
+        val = (dist.evaluate if dist is not None else evaluate)(
             evaluated,
             eval_criterion,
             images,
@@ -359,60 +383,61 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         value = _metric_value(spec.monitor, val)
         schedule.epoch_end(epoch, value)
         improved = tracker.update(value)
-        with session_scope(settings) as session:
-            queue.record_epoch(
-                session,
-                lease,
-                values={
-                    "epoch": epoch,
-                    "train_loss": train.loss,
-                    "train_acc": train.accuracy,
-                    "val_loss": val.loss,
-                    "val_acc": val.accuracy,
-                    "val_top5": val.top5,
-                    "val_precision": val.precision,
-                    "val_recall": val.recall,
-                    "val_f1": val.f1,
-                    "lr": lr,
-                    "seconds": time.perf_counter() - epoch_started,
-                    "images_per_second": train.images_per_second,
-                    "data_seconds": train.data_seconds,
-                },
-            )
-            if improved:
-                meta = {**meta_base, "epoch": epoch, "metric": spec.monitor, "value": value}
+        if writer:  # dist: rank 0 alone writes metrics and checkpoints
+            with session_scope(settings) as session:
+                queue.record_epoch(
+                    session,
+                    lease,
+                    values={
+                        "epoch": epoch,
+                        "train_loss": train.loss,
+                        "train_acc": train.accuracy,
+                        "val_loss": val.loss,
+                        "val_acc": val.accuracy,
+                        "val_top5": val.top5,
+                        "val_precision": val.precision,
+                        "val_recall": val.recall,
+                        "val_f1": val.f1,
+                        "lr": lr,
+                        "seconds": time.perf_counter() - epoch_started,
+                        "images_per_second": train.images_per_second,
+                        "data_seconds": train.data_seconds,
+                    },
+                )
+                if improved:
+                    meta = {**meta_base, "epoch": epoch, "metric": spec.monitor, "value": value}
+                    queue.store_checkpoint(
+                        session,
+                        lease,
+                        kind=CheckpointKind.best,
+                        epoch=epoch,
+                        metric=spec.monitor,
+                        value=value,
+                        meta=meta,
+                        weights=state_dict_to_bytes(evaluated.state_dict(), meta),
+                    )
+                # In the same transaction as the metrics row: a resumed job never repeats or skips an epoch.
                 queue.store_checkpoint(
                     session,
                     lease,
-                    kind=CheckpointKind.best,
+                    kind=CheckpointKind.last,
                     epoch=epoch,
                     metric=spec.monitor,
                     value=value,
-                    meta=meta,
-                    weights=state_dict_to_bytes(evaluated.state_dict(), meta),
+                    meta={"job_id": lease.job_id, "epoch": epoch},
+                    weights=state.save(epoch=epoch, meta={"job_id": lease.job_id}),
                 )
-            # In the same transaction as the metrics row: a resumed job never repeats or skips an epoch.
-            queue.store_checkpoint(
-                session,
-                lease,
-                kind=CheckpointKind.last,
-                epoch=epoch,
-                metric=spec.monitor,
-                value=value,
-                meta={"job_id": lease.job_id, "epoch": epoch},
-                weights=state.save(epoch=epoch, meta={"job_id": lease.job_id}),
+            log.info(
+                "job %s epoch %d/%d: train loss %.4f acc %.4f, val loss %.4f acc %.4f%s",
+                lease.job_id,
+                epoch,
+                spec.epochs,
+                train.loss,
+                train.accuracy,
+                val.loss,
+                val.accuracy,
+                " (best)" if improved else "",
             )
-        log.info(
-            "job %s epoch %d/%d: train loss %.4f acc %.4f, val loss %.4f acc %.4f%s",
-            lease.job_id,
-            epoch,
-            spec.epochs,
-            train.loss,
-            train.accuracy,
-            val.loss,
-            val.accuracy,
-            " (best)" if improved else "",
-        )
         reporter.update(
             force=True,
             phase="training",
@@ -430,21 +455,22 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
             )
             break
 
-    _evaluate_best_on_test(
-        lease,
-        settings,
-        reporter,
-        evaluated,
-        eval_criterion,
-        images,
-        targets,
-        index,
-        classes,
-        eval_batch,
-        preprocessing,
-        device,
-        autocast_dtype,
-    )
+    if writer:
+        _evaluate_best_on_test(
+            lease,
+            settings,
+            reporter,
+            evaluated,
+            eval_criterion,
+            images,
+            targets,
+            index,
+            classes,
+            eval_batch,
+            preprocessing,
+            device,
+            autocast_dtype,
+        )
     return JobStatus.succeeded, stop_reason
 
 

@@ -65,6 +65,31 @@ class Settings(BaseSettings):
     job_log_flush_seconds: float = Field(default=1.0, gt=0, description="worker log lines are batched")
     job_log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
+    # Distributed (multi-process, multi-node) jobs.
+    gang_slot_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="a worker holding a slot of a multi-node job releases it when the other slots are not "
+        "all held within this time (so two half-gathered jobs never deadlock each other)",
+    )
+    advertise_host: str | None = Field(
+        default=None,
+        description="host name or address other machines reach this worker at (the rendezvous endpoint a "
+        "multi-node job's slot-0 worker publishes); default: this machine's host name",
+    )
+    rendezvous_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="how long the nodes of a started multi-node job may take to join"
+    )
+    rank_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch threads per rank of a distributed job on the CPU; default: the cores divided by "
+        "the node's ranks (set it when several workers share one machine)",
+    )
+    collective_timeout_seconds: float = Field(
+        default=300.0, gt=0, description="torch.distributed timeout for one collective (a stuck peer)"
+    )
+
     # Prediction.
     predict_cache_size: int = Field(default=8, ge=1, description="models kept loaded for /predict")
 

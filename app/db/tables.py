@@ -114,6 +114,8 @@ class TrainingJob(Base):
         Enum(JobStatus, native_enum=False, length=16, validate_strings=True), default=JobStatus.queued
     )
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, default=None)
+    # Machines the job runs on: 1 is claimed by one worker; more by a gang of workers (`JobSlot`).
+    nodes: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     classes: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     split_sizes: Mapped[dict[str, int] | None] = mapped_column(JSON, default=None)
@@ -131,6 +133,28 @@ class TrainingJob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+
+class JobSlot(Base):
+    """One worker's place in the gang of a multi-node job (slot 0 .. nodes-1).
+
+    While the job is queued the rows gather (attempt NULL, refreshed by their holders); the holder of
+    slot 0 starts the job once every slot is held and stamps each row with the attempt and the
+    rendezvous endpoint it publishes, which the other holders then join.
+    """
+
+    __tablename__ = "job_slot"
+    __table_args__ = (UniqueConstraint("job_id", "worker_id"),)
+
+    job_id: Mapped[int] = mapped_column(
+        ForeignKey("training_job.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    worker_id: Mapped[str] = mapped_column(String(200))
+    attempt: Mapped[int | None] = mapped_column(Integer, default=None)
+    endpoint: Mapped[str | None] = mapped_column(String(300), default=None)
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class EpochMetric(Base):

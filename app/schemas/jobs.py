@@ -15,6 +15,9 @@ def _earlier(info: ValidationInfo, name: str) -> Any:
     return info.data.get(name)
 
 
+MAX_DEVICES = 64
+
+
 class JobSpec(BaseModel):
     """What to train. Only `dataset_id` and `model` are required; every other option has a default."""
 
@@ -129,6 +132,26 @@ class JobSpec(BaseModel):
     )
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
+    # Data-parallel training (torch.distributed: DDP over gloo on the CPU, nccl on CUDA).
+    devices: int | Literal["auto"] = Field(
+        default=1,
+        description="Processes per node: an integer, or `auto` for every GPU the worker sees (1 on a CPU "
+        "worker). More than one on a CPU worker runs that many gloo processes.",
+    )
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Workers (machines) the job runs on; more than 1 waits until that many workers hold "
+        "one of its slots (gang scheduling).",
+    )
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        default="none",
+        description="How `lr` follows the world size (batch_size is per process, so the effective batch is "
+        "batch_size x accumulate_steps x processes): `none` keeps `lr`; `linear` multiplies it by the number "
+        "of processes (Goyal et al.); `sqrt` by its square root.",
+    )
+
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
@@ -168,6 +191,14 @@ class JobSpec(BaseModel):
                 f"image_size {value} is too small for {model} (at least {MODELS[model].min_image_size})"
             )
         return value
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value: object) -> object:
+        # One clear message instead of one error per member of the union.
+        if value == "auto" or (type(value) is int and 1 <= value <= MAX_DEVICES):
+            return value
+        raise ValueError(f"devices must be an integer from 1 to {MAX_DEVICES}, or 'auto'")
 
     @field_validator("milestones")
     @classmethod

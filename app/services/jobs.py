@@ -76,6 +76,7 @@ def create_job(
         spec=spec.model_dump(mode="json"),
         status=JobStatus.queued,
         idempotency_key=idempotency_key,
+        nodes=spec.nodes,
         progress={"phase": "queued", "epoch": 0, "epochs": spec.epochs},
     )
     try:

@@ -65,11 +65,12 @@ def has_queued_job(session: Session) -> bool:
 
 
 def claim_next_job(session: Session, *, worker_id: str) -> Lease | None:
-    """Take the oldest queued job. On PostgreSQL, SKIP LOCKED lets many workers claim concurrently;
-    SQLite's BEGIN IMMEDIATE (see app.db.engine) serialises claimers instead."""
+    """Take the oldest queued single-node job (multi-node jobs start through `app.services.gang`).
+    On PostgreSQL, SKIP LOCKED lets many workers claim concurrently; SQLite's BEGIN IMMEDIATE (see
+    app.db.engine) serialises claimers instead."""
     job = session.scalar(
         select(TrainingJob)
-        .where(TrainingJob.status == JobStatus.queued)
+        .where(TrainingJob.status == JobStatus.queued, TrainingJob.nodes <= 1)
         .order_by(TrainingJob.id)
         .limit(1)
         .with_for_update(skip_locked=True)

@@ -41,6 +41,7 @@ def test_job_is_queued_with_defaults_filled_in(client: TestClient) -> None:
     assert job["status"] == "queued"
     assert job["spec"]["epochs"] == 10
     assert job["spec"]["optimizer"] == "adamw"
+    assert (job["spec"]["devices"], job["spec"]["nodes"], job["spec"]["lr_scaling"]) == (1, 1, "none")
     assert job["best"] is None and job["error"] is None
     assert client.get(f"/jobs/{job['id']}").json()["id"] == job["id"]
     assert [j["id"] for j in client.get("/jobs").json()] == [job["id"]]
@@ -55,6 +56,11 @@ def test_job_is_queued_with_defaults_filled_in(client: TestClient) -> None:
         ({"model": "simple_cnn", "optimizer": "sgdd"}, "optimizer"),
         ({"model": "simple_cnn", "learning_rate": 0.1}, "learning_rate"),
         ({"model": "alexnet", "image_size": 32}, None),
+        ({"model": "simple_cnn", "devices": 0}, "devices"),
+        ({"model": "simple_cnn", "devices": "all"}, "devices"),
+        ({"model": "simple_cnn", "devices": 2.5}, "devices"),
+        ({"model": "simple_cnn", "nodes": 0}, "nodes"),
+        ({"model": "simple_cnn", "lr_scaling": "cubic"}, "lr_scaling"),
         ({}, "model"),
     ],
 )
