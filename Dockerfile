@@ -74,6 +74,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TRAINSERVE_DATABASE_URL=sqlite:////data/trainserve.db \
+    TRAINSERVE_CACHE_DIR=/data/cache \
     TRAINSERVE_HOST=0.0.0.0 \
     TRAINSERVE_PORT=8000
 

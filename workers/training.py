@@ -27,7 +27,8 @@ from models.preprocessing import Preprocessing
 from models.pretrained import PretrainedWeightsMissing, load_compatible, load_pretrained
 from models.registry import backbone_parameters, build_model, get_model_info
 from workers.augment import build_augment, build_mix
-from workers.data import decode_dataset, infer_channels, list_images
+from workers.batches import place_on_device
+from workers.data import infer_channels, list_images, load_images
 from workers.engine import (
     EarlyStopping,
     EvalResult,
@@ -226,15 +227,31 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
     )
 
     reporter.update(force=True, phase="caching", epoch=0, epochs=spec.epochs, done=0, total=len(records))
-    images = decode_dataset(
-        settings,
-        records,
-        preprocessing,
-        on_progress=lambda done, total: reporter.update(phase="caching", done=done, total=total),
-    )
+
+    def waiting_for_another_build() -> None:  # another worker is caching the same images
+        reason = reporter.stop_reason()
+        if reason:
+            raise Stopped(reason)
+
+    try:
+        images, cache_entry = load_images(
+            settings,
+            records,
+            preprocessing,
+            on_progress=lambda done, total: reporter.update(phase="caching", done=done, total=total),
+            on_wait=waiting_for_another_build,
+        )
+    except Stopped as stopped:
+        return _stopped(stopped.reason, resume_epoch)
     if spec.normalization == "dataset":
         mean, std = dataset_mean_std(images, index["train"])
         preprocessing = replace(preprocessing, mean=tuple(mean), std=tuple(std))
+    images, targets, placement = place_on_device(
+        images, targets, device, max_fraction=settings.device_data_fraction
+    )
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
 
     torch.manual_seed(spec.seed)
     generator = torch.Generator().manual_seed(spec.seed)
@@ -242,7 +259,8 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         spec.model, num_classes=len(classes), in_channels=channels, image_size=preprocessing.image_size
     )
     init_report = previous_info.get("init", {}) if resume_from else initialise(model, spec, settings)
-    model.to(device)
+    # channels_last lets cuDNN use its tensor-core convolutions; on the CPU it only adds copies.
+    model.to(device, memory_format=torch.channels_last if on_cuda else torch.preserve_format)
     optimizer = make_optimizer(
         model,
         name=spec.optimizer,
@@ -288,6 +306,9 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         else None
     )
     evaluated: nn.Module = ema.module if ema is not None else model
+    # Compiled for training only: the plain module shares its parameters and is what gets validated
+    # (inference mode would compile a second graph) and saved (no `_orig_mod.` prefixes).
+    trained: nn.Module = torch.compile(model) if spec.compile else model  # type: ignore[assignment]
 
     job_info = {
         "image_size": preprocessing.image_size,
@@ -304,6 +325,10 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         "parameters": sum(p.numel() for p in model.parameters()),
         "image_cutoff_id": max((r.id for r in records), default=0),
         "resumed_from_epoch": resume_epoch or None,
+        "data_cache": cache_entry.summary(),
+        "data_placement": placement,
+        "channels_last": on_cuda,
+        "compile": spec.compile,
     }
     with session_scope(settings) as session:
         queue.set_job_info(session, lease, info=job_info)
@@ -316,7 +341,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         "monitor": spec.monitor,
         "ema": ema is not None,
     }
-    eval_batch = max(spec.batch_size * 2, 256)
+    eval_batch = max(spec.batch_size * 4, 1024) if on_cuda else max(spec.batch_size * 2, 256)
     tracker = EarlyStopping(
         mode=spec.monitor_mode, patience=spec.early_stopping_patience, min_delta=spec.min_delta
     )
@@ -342,6 +367,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
 
         def on_batch(batch: int, batches: int, epoch: int = epoch) -> None:
             reporter.update(
+                force=batch == 1 and epoch == resume_epoch + 1,  # the job's first batch shows at once
                 phase="training",
                 epoch=epoch,
                 batch=batch,
@@ -354,7 +380,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
 
         try:
             train = train_one_epoch(
-                model,
+                trained,
                 train_criterion,
                 optimizer,
                 images,
@@ -373,6 +399,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
                 grad_clip_norm=spec.grad_clip_norm,
                 ema=ema,
                 on_optimizer_step=schedule.optimizer_step,
+                channels_last=on_cuda,
             )
         except Stopped as stopped:
             return _stopped(stopped.reason, epoch - 1)
@@ -388,6 +415,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
             preprocessing=preprocessing,
             device=device,
             autocast_dtype=autocast_dtype,
+            channels_last=on_cuda,
         )
         value = _metric_value(spec.monitor, val)
         schedule.epoch_end(epoch, value)
@@ -471,6 +499,7 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
         preprocessing,
         device,
         autocast_dtype,
+        channels_last=on_cuda,
     )
     return JobStatus.succeeded, stop_reason
 
@@ -496,6 +525,8 @@ def _evaluate_best_on_test(
     preprocessing: Preprocessing,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    *,
+    channels_last: bool = False,
 ) -> None:
     """Reload the best weights, as stored, and store their test-split evaluation."""
     if len(index["test"]) == 0:
@@ -518,6 +549,7 @@ def _evaluate_best_on_test(
         preprocessing=preprocessing,
         device=device,
         autocast_dtype=autocast_dtype,
+        channels_last=channels_last,
     )
     support = result.confusion.sum(dim=1)
     per_class = [
