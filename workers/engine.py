@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -276,48 +277,51 @@ def train_one_epoch(
     seen, data_seconds = 0, 0.0
     started = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    loader = iterate_batches(images, targets, order, batch_size=batch_size, device=device)
-    for batch_index in range(batches):
-        data_started = time.perf_counter()
-        batch, target = next(loader)
-        inputs = normalizer.unit(batch)
-        if augment is not None:
-            inputs = augment(inputs, generator)
-        inputs = normalizer.standardize(inputs).contiguous(memory_format=memory_format)
-        loss_target = target
-        if mix is not None:
-            inputs, loss_target = mix(inputs, target)
-        data_seconds += time.perf_counter() - data_started
+    # Closed on the way out, also when a stop request ends the epoch early (no prefetch left running).
+    with contextlib.closing(
+        iterate_batches(images, targets, order, batch_size=batch_size, device=device)
+    ) as loader:
+        for batch_index in range(batches):
+            data_started = time.perf_counter()
+            batch, target = next(loader)
+            inputs = normalizer.unit(batch)
+            if augment is not None:
+                inputs = augment(inputs, generator)
+            inputs = normalizer.standardize(inputs).contiguous(memory_format=memory_format)
+            loss_target = target
+            if mix is not None:
+                inputs, loss_target = mix(inputs, target)
+            data_seconds += time.perf_counter() - data_started
 
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            output = model(inputs)
-            loss = criterion(output.float(), loss_target)
-        scaled = loss / accumulate_steps
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                output = model(inputs)
+                loss = criterion(output.float(), loss_target)
+            scaled = loss / accumulate_steps
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
 
-        last = batch_index + 1 == batches
-        if (batch_index + 1) % accumulate_steps == 0 or last:
-            if grad_clip_norm is not None:
+            last = batch_index + 1 == batches
+            if (batch_index + 1) % accumulate_steps == 0 or last:
+                if grad_clip_norm is not None:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
                 if scaler is not None:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update_parameters(model)
-            if on_optimizer_step is not None:
-                on_optimizer_step()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update_parameters(model)
+                if on_optimizer_step is not None:
+                    on_optimizer_step()
 
-        n = target.shape[0]
-        # Sample-weighted, so a short last batch counts for what it is.
-        total_loss += loss.detach().double() * n
-        correct += (output.detach().argmax(dim=1) == target).sum()
-        seen += n
-        on_batch(batch_index + 1, batches)
+            n = target.shape[0]
+            # Sample-weighted, so a short last batch counts for what it is.
+            total_loss += loss.detach().double() * n
+            correct += (output.detach().argmax(dim=1) == target).sum()
+            seen += n
+            on_batch(batch_index + 1, batches)
     seconds = time.perf_counter() - started
     return TrainResult(
         loss=float(total_loss) / seen,
