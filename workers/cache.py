@@ -47,7 +47,7 @@ Fetch = Callable[[Sequence[int]], Iterable[tuple[int, bytes]]]
 """Image ids → (id, encoded bytes) pairs, in any order."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CacheItem:
     """What the cache needs to know of an image: where its bytes are and what identifies its content."""
 
@@ -91,9 +91,8 @@ class CacheEntry:
 def cache_key(items: Sequence[CacheItem], *, image_size: int, channels: int) -> str:
     """A hash of everything the pixels depend on: each image's content and label, in row order."""
     digest = hashlib.sha256(f"trainserve-decoded/{FORMAT_VERSION}/{image_size}/{channels}\n".encode())
-    for item in items:
-        digest.update(json.dumps([item.sha256, item.label]).encode())
-        digest.update(b"\n")
+    # Length-prefixed labels: no label can make two different lists hash alike.
+    digest.update("".join(f"{item.sha256}{len(item.label)}:{item.label}\n" for item in items).encode())
     return digest.hexdigest()
 
 

@@ -18,7 +18,7 @@ from models.preprocessing import GRAYSCALE_MODES, Preprocessing
 from workers.cache import CacheEntry, CacheItem, open_or_build
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
     """What the worker knows of an image before decoding it."""
 
