@@ -25,6 +25,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -264,7 +265,9 @@ def _build(
         # Spawned, not forked: the worker has threads (heartbeat, database pool) that a fork would copy
         # mid-flight. The children import only Pillow and NumPy.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            max_workers=processes, mp_context=context, initializer=_ignore_interrupts
+        ) as pool:
             pending: set[Future[int]] = set()
             for rows, ids, blobs in tasks():
                 pending.add(pool.submit(decode_into_file, str(pixels), shape, rows, ids, blobs))
@@ -283,6 +286,12 @@ def _build(
         raise RuntimeError(f"{total - done} images disappeared from the dataset while caching it")
     with open(pixels, "rb+") as file:
         os.fsync(file.fileno())
+
+
+def _ignore_interrupts() -> None:
+    """Ctrl-C reaches the whole process group: the worker decides what happens (requeue the job), so a
+    decoding child must not die of it first and turn the job into a failure."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 _open_files: dict[str, np.memmap] = {}

@@ -228,18 +228,18 @@ def run_training(lease: queue.Lease, settings: Settings, reporter: JobReporter) 
 
     reporter.update(force=True, phase="caching", epoch=0, epochs=spec.epochs, done=0, total=len(records))
 
-    def waiting_for_another_build() -> None:  # another worker is caching the same images
+    def stop_if_asked() -> None:  # while caching, or waiting for another worker's build of the same
         reason = reporter.stop_reason()
         if reason:
             raise Stopped(reason)
 
+    def caching(done: int, total: int) -> None:
+        reporter.update(phase="caching", done=done, total=total)
+        stop_if_asked()
+
     try:
         images, cache_entry = load_images(
-            settings,
-            records,
-            preprocessing,
-            on_progress=lambda done, total: reporter.update(phase="caching", done=done, total=total),
-            on_wait=waiting_for_another_build,
+            settings, records, preprocessing, on_progress=caching, on_wait=stop_if_asked
         )
     except Stopped as stopped:
         return _stopped(stopped.reason, resume_epoch)

@@ -212,3 +212,18 @@ def test_two_workers_building_the_same_entry_decode_it_once(tmp_path: Path) -> N
     assert built[1][3] > 0, "it waited on the lock"
     assert built[0][1] == built[1][1] and built[0][4] == built[1][4]
     assert [p.name for p in (tmp_path / "decoded").iterdir()] == [built[0][1]]
+
+
+def test_a_build_stopped_from_its_progress_callback_leaves_nothing_behind(tmp_path: Path) -> None:
+    class Cancelled(Exception):
+        pass
+
+    def cancel_after_first_chunk(done: int, total: int) -> None:
+        if done > 0:
+            raise Cancelled
+
+    store = Store([noise_png(seed) for seed in range(1500)])  # two chunks
+    with pytest.raises(Cancelled):
+        build(tmp_path, store, on_progress=cancel_after_first_chunk)
+    assert list((tmp_path / "decoded").iterdir()) == []
+    assert build(tmp_path, store).built, "the next job builds it whole"
