@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
+WORKER: subprocess.Popen[bytes] | None = None
 sys.path.insert(0, str(ROOT))
 
 from models.registry import build_model, get_model_info  # noqa: E402
@@ -186,6 +187,8 @@ def wait_for(
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if WORKER is not None and WORKER.poll() is not None:
+            raise RuntimeError(f"the worker exited ({WORKER.returncode}); see processes.log")
         job = client.get(f"/jobs/{job_id}").json()
         if job["status"] in {"succeeded", "failed", "cancelled"}:
             return job
@@ -226,8 +229,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--compile", action="store_true", help="also measure `compile: true`")
     parser.add_argument("--json", type=Path, help="write the numbers here too")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads for all three (OMP_NUM_THREADS for the worker): on a machine shared with "
+        "other work, 1 avoids OpenMP barriers waiting on descheduled threads",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the API and worker processes
     python = sys.executable
     results: dict[str, Any] = {"images": args.images, "batch_size": args.batch_size, "model": args.model}
     print(
@@ -256,6 +268,8 @@ def main() -> None:
         logs = open(Path(tmp) / "processes.log", "wb")  # noqa: SIM115
         api = subprocess.Popen([python, "-m", "app.cli", "api"], env=env, cwd=tmp, stdout=logs, stderr=logs)
         worker = subprocess.Popen([python, "-m", "workers"], env=env, cwd=tmp, stdout=logs, stderr=logs)
+        global WORKER
+        WORKER = worker
         try:
             client = httpx.Client(base_url=f"http://127.0.0.1:{env['TRAINSERVE_PORT']}", timeout=600)
             for _ in range(600):

@@ -11,6 +11,8 @@ import time
 import traceback
 from types import FrameType
 
+from sqlalchemy.exc import OperationalError
+
 from app.core.config import Settings, get_settings
 from app.db.session import read_scope, session_scope
 from app.db.tables import JobStatus
@@ -81,7 +83,14 @@ def serve(settings: Settings, *, once: bool = False, shutdown: threading.Event |
         recover = time.monotonic() - last_recovery >= settings.heartbeat_seconds
         if recover:
             last_recovery = time.monotonic()
-        lease = claim(settings, worker_id, recover_stale=recover)
+        try:
+            lease = claim(settings, worker_id, recover_stale=recover)
+        except OperationalError as exc:
+            # e.g. SQLite "database is locked" while a long upload holds the write lock, or the database
+            # restarting: an idle worker waits and polls again instead of dying.
+            log.warning("worker %s: cannot poll the queue (%s); retrying", worker_id, exc.orig)
+            shutdown.wait(settings.worker_poll_seconds)
+            continue
         if lease is None:
             if once:
                 return 0
