@@ -44,11 +44,13 @@ def make_settings(database_url: str, **overrides: object) -> Settings:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Tests never read the developer's TRAINSERVE_* settings, and never share pooled connections."""
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Tests never read the developer's TRAINSERVE_* settings, never share pooled connections, and
+    each has its own decoded-image cache (worker processes it starts inherit the setting)."""
     for name in list(os.environ):
         if name.startswith("TRAINSERVE_") and name != POSTGRES_URL_ENV:
             monkeypatch.delenv(name)
+    monkeypatch.setenv("TRAINSERVE_CACHE_DIR", str(tmp_path / "decoded-cache"))
     yield
     dispose_engines()
 

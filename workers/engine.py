@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from torchmetrics.functional.classification import (
 )
 
 from models.preprocessing import Preprocessing, normalize
+from workers.batches import iterate_batches
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 StopCheck = Callable[[], str | None]
@@ -217,6 +219,22 @@ def random_affine(
     return out
 
 
+class Normalizer:
+    """`models.preprocessing.normalize` with its mean and std made once per device, applied in place:
+    the same numbers, without building small tensors on every batch."""
+
+    def __init__(self, preprocessing: Preprocessing, device: torch.device) -> None:
+        self.mean = torch.tensor(preprocessing.mean, device=device).view(-1, 1, 1)
+        self.std = torch.tensor(preprocessing.std, device=device).view(-1, 1, 1)
+
+    def unit(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 → float in [0, 1] (what augmentation works on)."""
+        return batch.float().div_(255.0)
+
+    def standardize(self, unit: torch.Tensor) -> torch.Tensor:
+        return unit.sub_(self.mean).div_(self.std)
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -238,65 +256,76 @@ def train_one_epoch(
     grad_clip_norm: float | None = None,
     ema: torch.optim.swa_utils.AveragedModel | None = None,
     on_optimizer_step: Callable[[], None] | None = None,
+    channels_last: bool = False,
 ) -> TrainResult:
     """One pass over `indices` of the uint8 `images` in a seeded random order.
 
-    `augment` works on floats in [0, 1] before normalisation; `mix` (MixUp/CutMix) on the normalised
-    batch, turning targets into class probabilities. Gradients are accumulated over `accumulate_steps`
-    batches, unscaled (fp16) before clipping, and the EMA follows every optimiser step.
+    `images` and `targets` may already live on `device` (the whole dataset resident on the GPU) or in
+    host memory (memory-mapped); `workers.data.iterate_batches` brings each batch over. `augment` works
+    on floats in [0, 1] before normalisation; `mix` (MixUp/CutMix) on the normalised batch, turning
+    targets into class probabilities. Gradients are accumulated over `accumulate_steps` batches,
+    unscaled (fp16) before clipping, and the EMA follows every optimiser step. Loss and accuracy are
+    summed on the device, so no batch waits for the GPU just to report them.
     """
     model.train()
     order = indices[torch.randperm(len(indices), generator=generator)]
     batches = math.ceil(len(order) / batch_size)
-    total_loss, correct, seen, data_seconds = 0.0, 0, 0, 0.0
+    normalizer = Normalizer(preprocessing, device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen, data_seconds = 0, 0.0
     started = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    for batch_index in range(batches):
-        data_started = time.perf_counter()
-        batch_ids = order[batch_index * batch_size : (batch_index + 1) * batch_size]
-        batch = images[batch_ids].to(device, non_blocking=True)
-        target = targets[batch_ids].to(device, non_blocking=True)
-        if augment is not None:
-            inputs = normalize(augment(batch.float().div_(255.0), generator).mul_(255.0), preprocessing)
-        else:
-            inputs = normalize(batch, preprocessing)
-        loss_target = target
-        if mix is not None:
-            inputs, loss_target = mix(inputs, target)
-        data_seconds += time.perf_counter() - data_started
+    # Closed on the way out, also when a stop request ends the epoch early (no prefetch left running).
+    with contextlib.closing(
+        iterate_batches(images, targets, order, batch_size=batch_size, device=device)
+    ) as loader:
+        for batch_index in range(batches):
+            data_started = time.perf_counter()
+            batch, target = next(loader)
+            inputs = normalizer.unit(batch)
+            if augment is not None:
+                inputs = augment(inputs, generator)
+            inputs = normalizer.standardize(inputs).contiguous(memory_format=memory_format)
+            loss_target = target
+            if mix is not None:
+                inputs, loss_target = mix(inputs, target)
+            data_seconds += time.perf_counter() - data_started
 
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            output = model(inputs)
-            loss = criterion(output.float(), loss_target)
-        scaled = loss / accumulate_steps
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                output = model(inputs)
+                loss = criterion(output.float(), loss_target)
+            scaled = loss / accumulate_steps
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
 
-        last = batch_index + 1 == batches
-        if (batch_index + 1) % accumulate_steps == 0 or last:
-            if grad_clip_norm is not None:
+            last = batch_index + 1 == batches
+            if (batch_index + 1) % accumulate_steps == 0 or last:
+                if grad_clip_norm is not None:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
                 if scaler is not None:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update_parameters(model)
-            if on_optimizer_step is not None:
-                on_optimizer_step()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update_parameters(model)
+                if on_optimizer_step is not None:
+                    on_optimizer_step()
 
-        n = target.shape[0]
-        total_loss += loss.item() * n  # sample-weighted, so a short last batch counts for what it is
-        correct += int((output.argmax(dim=1) == target).sum())
-        seen += n
-        on_batch(batch_index + 1, batches)
+            n = target.shape[0]
+            # Sample-weighted, so a short last batch counts for what it is.
+            total_loss += loss.detach().double() * n
+            correct += (output.detach().argmax(dim=1) == target).sum()
+            seen += n
+            on_batch(batch_index + 1, batches)
     seconds = time.perf_counter() - started
     return TrainResult(
-        loss=total_loss / seen,
-        accuracy=correct / seen,
+        loss=float(total_loss) / seen,
+        accuracy=int(correct) / seen,
         samples=seen,
         seconds=seconds,
         data_seconds=data_seconds,
@@ -316,36 +345,38 @@ def evaluate(
     preprocessing: Preprocessing,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> EvalResult:
-    """Loss, accuracy, top-5 and macro precision/recall/F1 over `indices`, in eval mode."""
+    """Loss, accuracy, top-5 and macro precision/recall/F1 over `indices`, in eval mode, with no
+    gradient; results stay on the device until the pass is over."""
     was_training = model.training
     model.eval()
-    total_loss, top5_hits = 0.0, 0
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    top5_hits = torch.zeros((), dtype=torch.long, device=device)
     predictions, labels = [], []
     k = min(5, num_classes)
-    for start in range(0, len(indices), batch_size):
-        batch_ids = indices[start : start + batch_size]
-        inputs = normalize(images[batch_ids].to(device, non_blocking=True), preprocessing)
-        target = targets[batch_ids].to(device, non_blocking=True)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for batch, target in iterate_batches(images, targets, indices, batch_size=batch_size, device=device):
+        inputs = normalize(batch, preprocessing).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             output = model(inputs).float()
-        total_loss += criterion(output, target).item() * target.shape[0]
-        top5_hits += int((output.topk(k, dim=1).indices == target.unsqueeze(1)).any(dim=1).sum())
-        predictions.append(output.argmax(dim=1).cpu())
-        labels.append(target.cpu())
+        total_loss += criterion(output, target).double() * target.shape[0]
+        top5_hits += (output.topk(k, dim=1).indices == target.unsqueeze(1)).any(dim=1).sum()
+        predictions.append(output.argmax(dim=1))
+        labels.append(target)
     model.train(was_training)
 
-    preds = torch.cat(predictions)
-    truth = torch.cat(labels)
+    preds = torch.cat(predictions).cpu()
+    truth = torch.cat(labels).cpu()
     samples = int(truth.numel())
     common: dict[str, Any] = {"num_classes": num_classes, "zero_division": 0}
     per_class_p = multiclass_precision(preds, truth, average="none", **common)
     per_class_r = multiclass_recall(preds, truth, average="none", **common)
     per_class_f1 = multiclass_f1_score(preds, truth, average="none", **common)
     return EvalResult(
-        loss=total_loss / samples,
+        loss=float(total_loss) / samples,
         accuracy=float((preds == truth).float().mean()),
-        top5=top5_hits / samples if num_classes > 5 else None,
+        top5=int(top5_hits) / samples if num_classes > 5 else None,
         precision=float(multiclass_precision(preds, truth, average="macro", **common)),
         recall=float(multiclass_recall(preds, truth, average="macro", **common)),
         f1=float(multiclass_f1_score(preds, truth, average="macro", **common)),

@@ -109,8 +109,9 @@ def serve(settings: Settings, *, once: bool = False, shutdown: threading.Event |
             # The database may not be up or migrated yet: containers start together, and not every tool
             # waits for the API's migrations (podman-compose with Podman < 4.6 ignores the health
             # condition). A serving worker waits for it rather than exit; the error is logged once per
-            # outage. A run-once worker (scripts, tests) fails at once instead.
-            if once:
+            # outage. SQLite "database is locked" (a long upload holding the write lock) is waited out too;
+            # a run-once worker (scripts, tests) fails at once on anything else.
+            if once and "locked" not in str(exc.orig).lower():
                 raise
             if database_ready:
                 log.warning(

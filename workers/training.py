@@ -29,7 +29,8 @@ from models.preprocessing import Preprocessing
 from models.pretrained import PretrainedWeightsMissing, load_compatible, load_pretrained
 from models.registry import backbone_parameters, build_model, get_model_info
 from workers.augment import build_augment, build_mix
-from workers.data import decode_dataset, infer_channels, list_images
+from workers.batches import place_on_device
+from workers.data import infer_channels, list_images, load_images
 from workers.engine import (
     EarlyStopping,
     EvalResult,
@@ -203,17 +204,33 @@ def run_training(
     )
 
     reporter.update(force=True, phase="caching", epoch=0, epochs=spec.epochs, done=0, total=len(records))
-    # dist: every rank decodes the dataset itself for now; with the node's shared decoded-image cache,
-    # local rank 0 fills it, the node's ranks meet at a barrier, and the others map it read-only.
-    images = decode_dataset(
-        settings,
-        records,
-        preprocessing,
-        on_progress=lambda done, total: reporter.update(phase="caching", done=done, total=total),
-    )
+
+    def stop_if_asked() -> None:  # while caching, or waiting for another worker's build of the same
+        reason = reporter.stop_reason()
+        if reason:
+            raise Stopped(reason)
+
+    def caching(done: int, total: int) -> None:
+        reporter.update(phase="caching", done=done, total=total)
+        stop_if_asked()
+
+    # dist: every rank reads the same cache entry; the file lock lets one build it while the others
+    # wait, and they all map the finished file read-only.
+    try:
+        images, cache_entry = load_images(
+            settings, records, preprocessing, on_progress=caching, on_wait=stop_if_asked
+        )
+    except Stopped as stopped:
+        return _stopped(stopped.reason, resume_epoch)
     if spec.normalization == "dataset":
         mean, std = dataset_mean_std(images, index["train"])
         preprocessing = replace(preprocessing, mean=tuple(mean), std=tuple(std))
+    images, targets, placement = place_on_device(
+        images, targets, device, max_fraction=settings.device_data_fraction
+    )
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
 
     torch.manual_seed(spec.seed)
     generator = torch.Generator().manual_seed(spec.seed)
@@ -221,7 +238,8 @@ def run_training(
         spec.model, num_classes=len(classes), in_channels=channels, image_size=preprocessing.image_size
     )
     init_report = previous_info.get("init", {}) if resume_from else initialise(model, spec, settings)
-    model.to(device)
+    # channels_last lets cuDNN use its tensor-core convolutions; on the CPU it only adds copies.
+    model.to(device, memory_format=torch.channels_last if on_cuda else torch.preserve_format)
     train_model = dist.wrap(model) if dist is not None else model  # `model` stays unwrapped: checkpoints
     optimizer = make_optimizer(
         model,
@@ -269,6 +287,9 @@ def run_training(
         else None
     )
     evaluated: nn.Module = ema.module if ema is not None else model
+    # Compiled for training only: the plain module shares its parameters and is what gets validated
+    # (inference mode would compile a second graph) and saved (no `_orig_mod.` prefixes).
+    trained: nn.Module = torch.compile(train_model) if spec.compile else train_model  # type: ignore[assignment]
 
     job_info = {
         "image_size": preprocessing.image_size,
@@ -286,6 +307,10 @@ def run_training(
         "image_cutoff_id": max((r.id for r in records), default=0),
         "resumed_from_epoch": resume_epoch or None,
         "world_size": 1,
+        "data_cache": cache_entry.summary(),
+        "data_placement": placement,
+        "channels_last": on_cuda,
+        "compile": spec.compile,
     }
     if dist is not None:
         job_info.update(dist.describe())
@@ -301,7 +326,7 @@ def run_training(
         "monitor": spec.monitor,
         "ema": ema is not None,
     }
-    eval_batch = max(spec.batch_size * 2, 256)
+    eval_batch = max(spec.batch_size * 4, 1024) if on_cuda else max(spec.batch_size * 2, 256)
     tracker = EarlyStopping(
         mode=spec.monitor_mode, patience=spec.early_stopping_patience, min_delta=spec.min_delta
     )
@@ -327,6 +352,7 @@ def run_training(
 
         def on_batch(batch: int, batches: int, epoch: int = epoch) -> None:
             reporter.update(
+                force=batch == 1 and epoch == resume_epoch + 1,  # the job's first batch shows at once
                 phase="training",
                 epoch=epoch,
                 batch=batch,
@@ -343,7 +369,7 @@ def run_training(
             train_indices, epoch_generator = dist.epoch_shard(index["train"], epoch)
         try:
             train = train_one_epoch(
-                train_model,
+                trained,
                 train_criterion,
                 optimizer,
                 images,
@@ -362,6 +388,7 @@ def run_training(
                 grad_clip_norm=spec.grad_clip_norm,
                 ema=ema,
                 on_optimizer_step=schedule.optimizer_step,
+                channels_last=on_cuda,
             )
         except Stopped as stopped:
             return _stopped(stopped.reason, epoch - 1)
@@ -379,6 +406,7 @@ def run_training(
             preprocessing=preprocessing,
             device=device,
             autocast_dtype=autocast_dtype,
+            channels_last=on_cuda,
         )
         value = _metric_value(spec.monitor, val)
         schedule.epoch_end(epoch, value)
@@ -470,6 +498,7 @@ def run_training(
             preprocessing,
             device,
             autocast_dtype,
+            channels_last=on_cuda,
         )
     return JobStatus.succeeded, stop_reason
 
@@ -495,6 +524,8 @@ def _evaluate_best_on_test(
     preprocessing: Preprocessing,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    *,
+    channels_last: bool = False,
 ) -> None:
     """Reload the best weights, as stored, and store their test-split evaluation."""
     if len(index["test"]) == 0:
@@ -517,6 +548,7 @@ def _evaluate_best_on_test(
         preprocessing=preprocessing,
         device=device,
         autocast_dtype=autocast_dtype,
+        channels_last=channels_last,
     )
     support = result.confusion.sum(dim=1)
     per_class = [

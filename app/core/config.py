@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -46,7 +47,7 @@ class Settings(BaseSettings):
     )
 
     # Jobs and workers.
-    worker_poll_seconds: float = Field(default=1.0, gt=0)
+    worker_poll_seconds: float = Field(default=0.5, gt=0)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     lease_timeout_seconds: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
@@ -88,6 +89,28 @@ class Settings(BaseSettings):
     )
     collective_timeout_seconds: float = Field(
         default=300.0, gt=0, description="torch.distributed timeout for one collective (a stuck peer)"
+    )
+
+    # Training data.
+    cache_dir: Path = Field(
+        default=Path("./var/cache"),
+        description="where workers keep decoded images, one memory-mapped file per (dataset contents, "
+        "image size, channels); local disk, rebuilt when missing",
+    )
+    cache_max_bytes: int = Field(
+        default=20 * 1024**3, ge=0, description="least recently used cache entries go beyond this size"
+    )
+    cache_build_processes: int = Field(
+        default=0, ge=0, le=256, description="decoding processes for a cache build; 0: one per CPU core"
+    )
+    cache_pool_min_images: int = Field(
+        default=4096, ge=1, description="smaller datasets are decoded in the worker itself, no process pool"
+    )
+    device_data_fraction: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="the whole dataset moves to the GPU when it takes at most this share of its free memory",
     )
 
     # Prediction.

@@ -111,6 +111,11 @@ class JobSpec(BaseModel):
     freeze_epochs: int = Field(
         default=0, ge=0, le=1000, description="Train only the classifier head for the first N epochs."
     )
+    compile: bool = Field(
+        default=False,
+        description="Train the model through `torch.compile` (the first batches wait for the compiler; "
+        "validation and checkpoints use the plain model).",
+    )
     ema_decay: float | None = Field(
         default=None, ge=0.5, lt=1, description="Keep an EMA of the weights; it is validated and saved."
     )

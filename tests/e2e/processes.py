@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+CACHE_DIR_ENV = "TRAINSERVE_CACHE_DIR"  # set per test by tests/conftest.py
 FAST_POLLING = {"TRAINSERVE_WORKER_POLL_SECONDS": "0.2", "TRAINSERVE_PROGRESS_INTERVAL_SECONDS": "0.2"}
 
 
@@ -23,9 +24,10 @@ def free_port() -> int:
 
 
 def environment(database_url: str, **settings: str) -> dict[str, str]:
-    """The test runner's environment without its TRAINSERVE_* settings, plus the given ones."""
+    """The test runner's environment without its TRAINSERVE_* settings (but the test's own cache
+    directory), plus the given ones."""
     return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("TRAINSERVE_")},
+        **{k: v for k, v in os.environ.items() if not k.startswith("TRAINSERVE_") or k == CACHE_DIR_ENV},
         "TRAINSERVE_DATABASE_URL": database_url,
         "TRAINSERVE_DEVICE": "cpu",
         **FAST_POLLING,

@@ -40,6 +40,11 @@ ALLOWED = {
     "models/weights_file.py": {"load"},
     # Image.open(BytesIO(...)); image.load() decodes the bytes in memory
     "models/preprocessing.py": {"open", "load"},
+    "models/imaging.py": {"open", "load"},
+    # the decoded-image cache: files under TRAINSERVE_CACHE_DIR (the operator's setting), named by a hash
+    # of the dataset's contents, never by anything a client sent
+    "workers/cache.py": {"mkdir", "open", "read_text"},
+    "workers/data.py": {"open"},  # CacheEntry.open(): the memory map of one cache entry
     # safetensors / json loads of bytes in memory
     "models/checkpoint.py": {"load"},
     "workers/resume.py": {"load"},
