@@ -13,7 +13,7 @@ from app.api.deps import require_api_key
 from app.api.routes import datasets, health, jobs, models, predict
 from app.core.config import Settings, get_settings
 from app.core.errors import DomainError
-from app.services.predictions import PredictorCache
+from app.services.predictions import ModelCache, configure_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.api_keys:
             log.warning("TRAINSERVE_API_KEYS is not set: the API is OPEN to anyone who can reach it")
+        configure_torch_threads(settings)
         yield
+        app.state.predictors.close()
 
     app = FastAPI(
         title="trainserve",
@@ -36,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.predictors = PredictorCache(capacity=settings.predict_cache_size)
+    app.state.predictors = ModelCache(settings)
 
     @app.exception_handler(DomainError)
     async def domain_error(_request: Request, exc: DomainError) -> JSONResponse:

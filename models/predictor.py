@@ -39,9 +39,20 @@ class Predictor:
         self.preprocessing = Preprocessing.from_meta(self.meta["preprocessing"])
         self._lock = threading.Lock()
 
+    @property
+    def size_bytes(self) -> int:
+        """Memory held by the weights and buffers: what a cache bound counts."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
         """Softmax over every class, one row per image."""
-        batch = torch.stack([to_uint8(image, self.preprocessing) for image in images]).to(self.device)
+        return self.probabilities_of([to_uint8(image, self.preprocessing) for image in images])
+
+    def probabilities_of(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Softmax rows for uint8 images already made by `to_uint8` (a server decodes them itself,
+        so one bad file fails alone instead of the whole batch)."""
+        batch = torch.stack(tensors).to(self.device)
         inputs = normalize(batch, self.preprocessing)
         with self._lock, torch.inference_mode():
             return torch.softmax(self.model(inputs).float(), dim=1).cpu()
