@@ -55,7 +55,7 @@ class Scored:
 
 
 def score_batch(
-    predictor: Predictor, items: list[PredictItem], *, max_pixels: int
+    predictor: Predictor, items: list[PredictItem], *, max_pixels: int, threads: int | None = None
 ) -> list[Scored | DomainError]:
     """Decode, preprocess and score a batch in one forward pass; a bad file fails only its own slot."""
     results: list[Scored | DomainError | None] = [None] * len(items)
@@ -71,6 +71,7 @@ def score_batch(
             log.warning("could not decode an uploaded image: %r", exc)
             results[index] = Invalid(f"file: could not be decoded as an image ({type(exc).__name__})")
     if tensors:
+        use_threads(threads)
         rows = predictor.probabilities_of(tensors).tolist()
         classes = predictor.classes
         for index, row in zip(positions, rows, strict=True):
@@ -197,7 +198,12 @@ class ModelCache:
             version=version,
             predictor=predictor,
             batcher=DynamicBatcher(
-                lambda items: score_batch(predictor, items, max_pixels=self.settings.max_image_pixels),
+                lambda items: score_batch(
+                    predictor,
+                    items,
+                    max_pixels=self.settings.max_image_pixels,
+                    threads=threads_for(self.settings, len(items)),
+                ),
                 executor=self._forward,
                 max_batch_size=self.settings.predict_max_batch_size,
                 max_wait_seconds=self.settings.predict_max_wait_ms / 1000,
@@ -261,9 +267,25 @@ def serving_device(setting: str) -> str:
 
 
 def configure_torch_threads(settings: Settings) -> None:
-    """Intra-op threads per API process: several processes must not each take every core."""
-    threads = settings.predict_torch_threads
-    if threads == 0 and settings.api_processes > 1:
-        threads = max(1, (os.cpu_count() or 1) // settings.api_processes)
-    if threads:
+    """A fixed `predict_torch_threads` for the whole API process; 0 leaves it to `threads_for`."""
+    if settings.predict_torch_threads:
+        torch.set_num_threads(settings.predict_torch_threads)
+
+
+def threads_for(settings: Settings, batch_size: int) -> int | None:
+    """Intra-op threads for one forward pass (None: keep what is set).
+
+    Adaptive by default: a lone image (the model is otherwise idle) gets every core, for the lowest
+    latency; a batch (the server is busy) gets cores / api_processes, so processes do not fight over
+    cores and OpenMP threads do not spin against the event loop.
+    """
+    if settings.predict_torch_threads:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores if batch_size == 1 else max(1, cores // settings.api_processes)
+
+
+def use_threads(threads: int | None) -> None:
+    """Set the calling thread's intra-op thread count (OpenMP's setting is per calling thread)."""
+    if threads is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
