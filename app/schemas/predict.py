@@ -12,8 +12,7 @@ class LabelScore(BaseModel):
 
 class PredictionRead(BaseModel):
     job_id: int
-    epoch: int = Field(description="Epoch of the checkpoint that answered.")
-    checkpoint_id: int = Field(description="Id of the stored best checkpoint that answered.")
+    epoch: int = Field(description="Epoch of the best checkpoint that answered: (job_id, epoch) names it.")
     label: str
     score: float
     scores: dict[str, float] = Field(description="Softmax over every class of the job; sums to 1.")
@@ -33,5 +32,4 @@ class BatchItemRead(BaseModel):
 class BatchPredictionRead(BaseModel):
     job_id: int
     epoch: int = Field(description="Epoch of the checkpoint that answered every file.")
-    checkpoint_id: int
     results: list[BatchItemRead] = Field(description="One entry per file, in the order sent.")

@@ -98,10 +98,6 @@ class ServedModel:
     checked_at: float = field(default_factory=time.monotonic)
 
     @property
-    def checkpoint_id(self) -> int:
-        return self.version[0]
-
-    @property
     def epoch(self) -> int:
         return self.version[1]
 
@@ -109,7 +105,6 @@ class ServedModel:
         return PredictionRead(
             job_id=self.job_id,
             epoch=self.epoch,
-            checkpoint_id=self.checkpoint_id,
             label=scored.label,
             score=scored.score,
             scores=scored.scores,
@@ -147,6 +142,11 @@ class ModelCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def peek(self, job_id: int) -> ServedModel | None:
+        """The cached model of a job, if any, without touching its recency or freshness."""
+        with self._lock:
+            return self._items.get(job_id)
 
     def cached_jobs(self) -> list[int]:
         """Job ids, least recently used first."""

@@ -71,6 +71,4 @@ async def predict_batch(
         else BatchItemRead(index=i, filename=f.filename, error=r.message, status_code=r.status_code)
         for i, (f, r) in enumerate(zip(files, results, strict=True))
     ]
-    return BatchPredictionRead(
-        job_id=job_id, epoch=model.epoch, checkpoint_id=model.checkpoint_id, results=items
-    )
+    return BatchPredictionRead(job_id=job_id, epoch=model.epoch, results=items)
