@@ -97,7 +97,9 @@ async def client(
         writer.close()
 
 
-def build_request(host: str, port: int, path: str, body: bytes, content_type: str, api_key: str | None) -> bytes:
+def build_request(
+    host: str, port: int, path: str, body: bytes, content_type: str, api_key: str | None
+) -> bytes:
     auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
@@ -120,7 +122,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
         t0, c0, s0 = time.perf_counter(), sum(me.cpu_times()[:2]), tree_cpu_seconds(args.server_pid)
         await asyncio.sleep(max(0.0, stop - time.perf_counter()))
-        return time.perf_counter() - t0, sum(me.cpu_times()[:2]) - c0, tree_cpu_seconds(args.server_pid) - s0, 0
+        return (
+            time.perf_counter() - t0,
+            sum(me.cpu_times()[:2]) - c0,
+            tree_cpu_seconds(args.server_pid) - s0,
+            0,
+        )
 
     tasks = [
         asyncio.create_task(client(args.host, args.port, request, start, measure_from, stop, tally))

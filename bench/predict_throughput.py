@@ -42,7 +42,12 @@ from models.preprocessing import decode_image, to_uint8  # noqa: E402
 # What each model is trained on and asked about: (job spec beyond the defaults, request image).
 MODELS: dict[str, dict[str, Any]] = {
     "simple_cnn": {"spec": {"epochs": 2}, "size": 28, "mode": "L", "format": "PNG"},
-    "resnet18": {"spec": {"epochs": 1, "image_size": 224, "channels": 3}, "size": 224, "mode": "RGB", "format": "JPEG"},
+    "resnet18": {
+        "spec": {"epochs": 1, "image_size": 224, "channels": 3},
+        "size": 224,
+        "mode": "RGB",
+        "format": "JPEG",
+    },
 }
 
 # Server variants: how each is started. LitServe "best" is the best setup found on this 2-core machine.
@@ -99,8 +104,12 @@ def prepare(tmp: Path, models: list[str], per_class: int) -> Prepared:
         for label, data in digits_png():
             by_label.setdefault(label, []).append(data)
         for label, files in sorted(by_label.items()):
-            upload = [("files", (f"{label}-{i}.png", data, "image/png")) for i, data in enumerate(files[:per_class])]
-            client.post(f"/datasets/{dataset_id}/images", data={"label": label}, files=upload).raise_for_status()
+            upload = [
+                ("files", (f"{label}-{i}.png", data, "image/png")) for i, data in enumerate(files[:per_class])
+            ]
+            client.post(
+                f"/datasets/{dataset_id}/images", data={"label": label}, files=upload
+            ).raise_for_status()
         for name in models:
             spec = {"dataset_id": dataset_id, "model": name, **MODELS[name]["spec"]}
             job = client.post("/jobs", json=spec).json()
@@ -134,10 +143,14 @@ def request_image(name: str) -> bytes:
 def multipart(job_id: int, image: bytes, filename: str) -> tuple[bytes, str]:
     boundary = "trainservebenchboundary"
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="job_id"\r\n\r\n{job_id}\r\n'
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-        f"Content-Type: application/octet-stream\r\n\r\n"
-    ).encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="job_id"\r\n\r\n{job_id}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -240,9 +253,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each run")
     parser.add_argument("--per-class", type=int, default=30, help="training images per digit")
-    parser.add_argument("--api-key", default="bench-key", help="trainserve runs with this API key ('' for none)")
     parser.add_argument(
-        "--trainserve-env", action="append", default=[], metavar="NAME=VALUE", help="extra TRAINSERVE_* settings"
+        "--api-key", default="bench-key", help="trainserve runs with this API key ('' for none)"
+    )
+    parser.add_argument(
+        "--trainserve-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra TRAINSERVE_* settings",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write every result here")
     args = parser.parse_args()
@@ -260,14 +279,18 @@ def main() -> None:
         prepared = prepare(tmp, models, args.per_class)
         for name in models:
             image = request_image(name)
-            body, content_type = multipart(prepared.job_ids[name], image, f"x.{MODELS[name]['format'].lower()}")
+            body, content_type = multipart(
+                prepared.job_ids[name], image, f"x.{MODELS[name]['format'].lower()}"
+            )
             body_path = tmp / f"{name}.body"
             body_path.write_bytes(body)
             for server in servers:
                 if server == "ceiling":
                     row = ceiling(prepared.checkpoints[name], name, seconds=min(args.seconds, 3.0))
                     results.append({"model": name, "server": server, **row})
-                    print(f"{name} ceiling: {row['img_per_s']:,.0f} img/s at batch {row['batch']}", flush=True)
+                    print(
+                        f"{name} ceiling: {row['img_per_s']:,.0f} img/s at batch {row['batch']}", flush=True
+                    )
                     continue
                 port = free_port()
                 env = child_env({})
@@ -320,7 +343,9 @@ def report(results: list[dict[str, Any]], models: list[str], clients: list[int])
                     )
         top = find(model, "ceiling")
         if top:
-            print(f"| {model} | - | ceiling (in-process, batch {top['batch']}) | {top['img_per_s']:,.0f} img/s | | | | | |")
+            print(
+                f"| {model} | - | ceiling (in-process, batch {top['batch']}) | {top['img_per_s']:,.0f} img/s | | | | | |"
+            )
     print()
     for model in models:
         ours = {n: find(model, "trainserve", n) for n in clients}
