@@ -23,7 +23,8 @@ from models.preprocessing import ImageDecodeError, decode_image, to_uint8
 
 def scores_of(predictor: Predictor, row: list[float]) -> dict[str, Any]:
     best = max(range(len(row)), key=row.__getitem__)
-    return {"label": predictor.classes[best], "score": row[best], "scores": dict(zip(predictor.classes, row))}
+    scores = dict(zip(predictor.classes, row, strict=True))
+    return {"label": predictor.classes[best], "score": row[best], "scores": scores}
 
 
 def run_naive(args: argparse.Namespace) -> None:
@@ -37,7 +38,7 @@ def run_naive(args: argparse.Namespace) -> None:
         return {"status": "ok"}
 
     @app.post("/predict")
-    def predict(file: UploadFile = File(...)) -> dict[str, Any]:  # noqa: B008 - the tutorial way
+    def predict(file: UploadFile = File(...)) -> dict[str, Any]:  # the tutorial way
         try:
             image = decode_image(file.file.read())
         except ImageDecodeError as exc:
@@ -81,7 +82,9 @@ def run_litserve(args: argparse.Namespace) -> None:
     api = ClassifierAPI(
         args.checkpoint, args.threads, max_batch_size=args.max_batch, batch_timeout=args.batch_timeout
     )
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers, timeout=60)
+    server = ls.LitServer(
+        api, accelerator="cpu", workers_per_device=args.workers, timeout=60, fast_queue=args.fast_queue
+    )
     server.run(
         host="127.0.0.1",
         port=args.port,
@@ -101,6 +104,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="LitServe inference workers")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads each")
     parser.add_argument("--api-servers", type=int, default=1, help="LitServe HTTP processes")
+    parser.add_argument("--fast-queue", action="store_true", help="LitServe's ZeroMQ queues")
     args = parser.parse_args()
     (run_naive if args.server == "naive" else run_litserve)(args)
 
