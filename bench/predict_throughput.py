@@ -19,13 +19,14 @@ import argparse
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,12 +182,13 @@ def running(argv: list[str], env: dict[str, str], port: int, body: bytes, conten
                 time.sleep(0.3)
         yield process.pid
     finally:
-        os.killpg(process.pid, 15)
-        try:
+        os.killpg(process.pid, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
             process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
+        # Whatever is left in the group: LitServe's inference workers may outlive their parent.
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def auth_header(env: dict[str, str]) -> dict[str, str]:
@@ -266,6 +268,8 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write every result here")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so every server started below is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     models = [m for m in args.models.split(",") if m]
     servers = [s for s in args.servers.split(",") if s]
     clients = [int(c) for c in args.clients.split(",") if c]
