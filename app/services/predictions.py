@@ -192,6 +192,16 @@ class ModelCache:
             with self._lock:  # the job or its checkpoint is gone: so is the cached model
                 self._items.pop(job_id, None)
             raise
+        except Exception:
+            if entry is None:
+                raise
+            # The database is unreachable for a moment: the model we have is still a real checkpoint
+            # of this job, so keep answering with it and try again after the next interval.
+            log.warning(
+                "could not re-check job %d's checkpoint; serving the cached one", job_id, exc_info=True
+            )
+            entry.checked_at = checked_at
+            return entry
         predictor = Predictor(weights, device=self.device)
         served = ServedModel(
             job_id=job_id,

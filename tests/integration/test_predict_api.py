@@ -8,9 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 
 from app.core.config import Settings
 from app.main import create_app
+from app.services import predictions
 from models.predictor import Predictor
 from models.preprocessing import decode_image
 from tests.checkpoints import CLASSES, ServedJob, claim_with_best, queued_job, store_best
@@ -232,3 +234,19 @@ def test_predict_batch_needs_the_api_key(database_url: str) -> None:
             "/predict/batch", data={"job_id": "1"}, files=[("files", ("a.png", noise_png(1), "image/png"))]
         )
         assert response.status_code == 401
+
+
+def test_a_cached_model_keeps_answering_when_the_freshness_check_fails(
+    fresh_client: tuple[TestClient, Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, settings = fresh_client
+    queued_job(client)
+    job = claim_with_best(settings, epoch=2, seed=1)
+    first = post_predict(client, job.job_id, noise_png(4)).json()
+
+    def database_down(*_args: object, **_kwargs: object) -> None:
+        raise OperationalError("SELECT ...", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(predictions, "checkpoint_version", database_down)
+    again = post_predict(client, job.job_id, noise_png(4))
+    assert again.status_code == 200 and again.json() == first
