@@ -164,10 +164,14 @@ class ModelCache:
                 self._items.move_to_end(job_id)
                 return entry
             pending = self._loads.get(job_id)
+            started = pending is None
             if pending is None:  # one check or load per job at a time; concurrent requests share it
                 pending = self._loader.submit(self._refresh, job_id, entry)
                 self._loads[job_id] = pending
-                pending.add_done_callback(lambda done: self._forget_load(job_id, done))
+        if started:
+            # Outside the lock: a load that has already finished runs the callback right here, and
+            # the callback takes the lock.
+            pending.add_done_callback(lambda done: self._forget_load(job_id, done))
         # Shielded: a client that disconnects must not cancel a load other requests are waiting for.
         return await asyncio.shield(asyncio.wrap_future(pending))
 

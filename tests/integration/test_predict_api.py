@@ -4,7 +4,7 @@ own, the checkpoint that answered is named, bad files are clear 4xx, the cache f
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
@@ -250,3 +250,29 @@ def test_a_cached_model_keeps_answering_when_the_freshness_check_fails(
     monkeypatch.setattr(predictions, "checkpoint_version", database_down)
     again = post_predict(client, job.job_id, noise_png(4))
     assert again.status_code == 200 and again.json() == first
+
+
+class DoneExecutor(Executor):
+    """Answers every submit with an already finished future holding `result`."""
+
+    def __init__(self, result: object) -> None:
+        self.result = result
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        future: Future[object] = Future()
+        future.set_result(self.result)
+        return future
+
+
+@pytest.mark.timeout(60, method="thread")  # a regression hangs the event loop thread
+def test_a_load_finished_before_its_callback_is_registered_does_not_hang(
+    fresh_client: tuple[TestClient, Settings],
+) -> None:
+    """Regression: the done-callback of an already finished check ran under the cache lock it takes."""
+    client, settings = fresh_client
+    queued_job(client)
+    job = claim_with_best(settings)
+    assert post_predict(client, job.job_id, noise_png(1)).status_code == 200
+    cache = client.app.state.predictors  # type: ignore[attr-defined]
+    cache._loader = DoneExecutor(cache.peek(job.job_id))
+    assert post_predict(client, job.job_id, noise_png(1)).status_code == 200
