@@ -60,8 +60,12 @@ LITSERVE = {
     "litserve-best": ["--max-batch", "8", "--batch-timeout", "0.005", "--workers", "2", "--threads", "1",
                       "--api-servers", "2"],
 }  # fmt: skip
-# trainserve as recommended for this machine (one API process per core) and with every default.
-TRAINSERVE = {"trainserve": {"TRAINSERVE_API_PROCESSES": "2"}, "trainserve-1proc": {}}
+# trainserve as recommended for this machine (one API process per core, two forward passes in flight per
+# model, so a process that holds most connections still uses both cores) and with every default.
+TRAINSERVE = {
+    "trainserve": {"TRAINSERVE_API_PROCESSES": "2", "TRAINSERVE_PREDICT_CONCURRENCY": "2"},
+    "trainserve-1proc": {},
+}
 SERVERS = [*TRAINSERVE, "naive", *LITSERVE, "ceiling"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -32,12 +33,16 @@ def model_from_checkpoint(
 class Predictor:
     """Thread-safe inference for one checkpoint (the API calls it from a thread pool)."""
 
-    def __init__(self, data: bytes, *, device: torch.device | str = "cpu") -> None:
+    def __init__(self, data: bytes, *, device: torch.device | str = "cpu", serialize: bool = True) -> None:
         self.device = torch.device(device)
         self.model, self.meta = model_from_checkpoint(data, device=self.device)
         self.classes: list[str] = list(self.meta["classes"])
         self.preprocessing = Preprocessing.from_meta(self.meta["preprocessing"])
-        self._lock = threading.Lock()
+        # Eval-mode forward passes do not mutate the model; a server that runs passes in parallel on
+        # purpose (one thread each) turns the lock off.
+        self._lock: threading.Lock | contextlib.nullcontext[None] = (
+            threading.Lock() if serialize else contextlib.nullcontext()
+        )
 
     @property
     def size_bytes(self) -> int:

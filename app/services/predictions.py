@@ -206,7 +206,7 @@ class ModelCache:
             )
             entry.checked_at = checked_at
             return entry
-        predictor = Predictor(weights, device=self.device)
+        predictor = Predictor(weights, device=self.device, serialize=self.settings.predict_concurrency == 1)
         served = ServedModel(
             job_id=job_id,
             version=version,
@@ -290,13 +290,15 @@ def threads_for(settings: Settings, batch_size: int) -> int | None:
     """Intra-op threads for one forward pass (None: keep what is set).
 
     Adaptive by default: a lone image (the model is otherwise idle) gets every core, for the lowest
-    latency; a batch (the server is busy) gets cores / api_processes, so processes do not fight over
-    cores and OpenMP threads do not spin against the event loop.
+    latency; a batch (the server is busy) gets cores / (api_processes x predict_concurrency), so passes
+    running side by side do not fight over cores and OpenMP threads do not spin against each other.
     """
     if settings.predict_torch_threads:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores if batch_size == 1 else max(1, cores // settings.api_processes)
+    return (
+        cores if batch_size == 1 else max(1, cores // (settings.api_processes * settings.predict_concurrency))
+    )
 
 
 def use_threads(threads: int | None) -> None:
