@@ -39,13 +39,18 @@ def cmd_api(args: argparse.Namespace) -> int:
     from app.main import create_app
 
     settings = get_settings()
-    uvicorn.run(
-        create_app(settings),
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=5,
-    )
+    options = {
+        "host": args.host or settings.host,
+        "port": args.port or settings.port,
+        "log_level": settings.log_level.lower(),
+        "timeout_graceful_shutdown": 5,
+    }
+    if settings.api_processes > 1:
+        # Several processes share the socket; each builds its app (and model cache) from the same
+        # TRAINSERVE_* environment, so settings and API keys are identical in all of them.
+        uvicorn.run("app.main:create_app", factory=True, workers=settings.api_processes, **options)
+    else:
+        uvicorn.run(create_app(settings), **options)
     return 0
 
 

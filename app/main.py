@@ -20,7 +20,7 @@ from app.api.routes import datasets, events, health, images, jobs, models, predi
 from app.core.config import Settings, get_settings
 from app.core.errors import DomainError
 from app.schemas.common import error_responses
-from app.services.predictions import PredictorCache
+from app.services.predictions import ModelCache, configure_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # How many, never which: keys are not logged anywhere.
             count = len(settings.api_keys)
             log.info("API keys required on every endpoint but /health and the docs (%d key(s))", count)
+        configure_torch_threads(settings)
         yield
+        app.state.predictors.close()
 
     app = FastAPI(
         title="trainserve",
@@ -61,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.predictors = PredictorCache(capacity=settings.predict_cache_size)
+    app.state.predictors = ModelCache(settings)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:

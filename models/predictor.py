@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -32,16 +33,31 @@ def model_from_checkpoint(
 class Predictor:
     """Thread-safe inference for one checkpoint (the API calls it from a thread pool)."""
 
-    def __init__(self, data: bytes, *, device: torch.device | str = "cpu") -> None:
+    def __init__(self, data: bytes, *, device: torch.device | str = "cpu", serialize: bool = True) -> None:
         self.device = torch.device(device)
         self.model, self.meta = model_from_checkpoint(data, device=self.device)
         self.classes: list[str] = list(self.meta["classes"])
         self.preprocessing = Preprocessing.from_meta(self.meta["preprocessing"])
-        self._lock = threading.Lock()
+        # Eval-mode forward passes do not mutate the model; a server that runs passes in parallel on
+        # purpose (one thread each) turns the lock off.
+        self._lock: threading.Lock | contextlib.nullcontext[None] = (
+            threading.Lock() if serialize else contextlib.nullcontext()
+        )
+
+    @property
+    def size_bytes(self) -> int:
+        """Memory held by the weights and buffers: what a cache bound counts."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
         """Softmax over every class, one row per image."""
-        batch = torch.stack([to_uint8(image, self.preprocessing) for image in images]).to(self.device)
+        return self.probabilities_of([to_uint8(image, self.preprocessing) for image in images])
+
+    def probabilities_of(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Softmax rows for uint8 images already made by `to_uint8` (a server decodes them itself,
+        so one bad file fails alone instead of the whole batch)."""
+        batch = torch.stack(tensors).to(self.device)
         inputs = normalize(batch, self.preprocessing)
         with self._lock, torch.inference_mode():
             return torch.softmax(self.model(inputs).float(), dim=1).cpu()

@@ -69,6 +69,11 @@ def body_limit(method: str, path: str, settings: Settings) -> BodyLimit:
         size, name = single
         upload = UploadLimits(size, 1, field, refuse_oversized=True)
         return BodyLimit(size + MULTIPART_OVERHEAD, upload, what=f"a {size}-byte {name}")
+    if path == "/predict/batch":  # several images; one that is too large is only that file's error
+        upload = UploadLimits(
+            settings.max_image_bytes, settings.predict_max_files, field, refuse_oversized=False
+        )
+        return BodyLimit(settings.max_request_bytes, upload)
     if re.fullmatch(r"/datasets/[^/]+/images", path):
         upload = UploadLimits(
             settings.max_image_bytes, settings.max_files_per_request, field, refuse_oversized=False

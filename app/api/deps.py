@@ -14,7 +14,9 @@ from app.core.security import key_matches
 from app.db.session import read_scope, session_scope
 
 
-def get_app_settings(request: Request) -> Settings:
+# The cheap dependencies are `async def`: FastAPI runs a plain `def` dependency in a worker thread,
+# a hop that cost more than the whole prediction of a small model (profiled under bench/).
+async def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -42,7 +44,7 @@ IdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="A server-made id.")]
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

@@ -115,6 +115,31 @@ class Settings(BaseSettings):
 
     # Prediction.
     predict_cache_size: int = Field(default=8, ge=1, description="models kept loaded for /predict")
+    predict_cache_max_bytes: int = Field(
+        default=2 * 1024**3, ge=1, description="weights kept loaded, in bytes (the newest model always stays)"
+    )
+    predict_refresh_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="a cached model is re-checked against the database at most this often: a newer best "
+        "checkpoint is served within this time (0: check on every request)",
+    )
+    predict_max_batch_size: int = Field(default=32, ge=1, le=4096, description="images per forward pass")
+    predict_max_wait_ms: float = Field(
+        default=5.0,
+        ge=0,
+        le=1000,
+        description="with predict_concurrency > 1: how long a free forward slot waits for a fuller batch "
+        "while another pass runs (an idle model never waits)",
+    )
+    predict_concurrency: int = Field(default=1, ge=1, le=64, description="forward passes in flight per model")
+    predict_torch_threads: int = Field(
+        default=0, ge=0, le=256, description="torch threads per API process (0: the cores / api_processes)"
+    )
+    predict_max_files: int = Field(default=64, ge=1, description="files per POST /predict/batch")
+    api_processes: int = Field(
+        default=1, ge=1, le=64, description="API server processes (each has its own model cache)"
+    )
 
     @field_validator("api_keys", "cors_allow_origins", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ import anyio
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import SessionDep, SettingsDep
+from app.api.deps import IdPath, SessionDep, SettingsDep
 from app.core.config import Settings
 from app.db.session import read_scope
 from app.schemas.logs import JobLogLine, JobLogsRead
@@ -44,7 +44,7 @@ def _poll(settings: Settings, stream: events.Stream) -> list[events.Event]:
     description=_EVENTS_DOC,
 )
 async def job_events(
-    job_id: int,
+    job_id: IdPath,
     request: Request,
     settings: SettingsDep,
     last_event_id: Annotated[str | None, Header(description="Resume after this event id.")] = None,
@@ -85,7 +85,7 @@ async def job_events(
 
 @router.get("/{job_id}/logs", response_model=JobLogsRead)
 def job_logs(
-    job_id: int,
+    job_id: IdPath,
     session: SessionDep,
     settings: SettingsDep,
     limit: Annotated[

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from app.api.deps import SessionDep, SettingsDep
+from app.api.deps import IdPath, SessionDep, SettingsDep
 from app.schemas.images import ImageRead
 from app.services import thumbnails
 
@@ -15,7 +15,7 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 @router.get("/{dataset_id}/images", response_model=list[ImageRead])
 def list_images(
-    dataset_id: int,
+    dataset_id: IdPath,
     session: SessionDep,
     label: Annotated[str | None, Query(description="Only this class.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -32,8 +32,8 @@ def list_images(
     responses={200: {"content": {"image/png": {}}, "description": "PNG image"}},
 )
 def image_thumbnail(
-    dataset_id: int,
-    image_id: int,
+    dataset_id: IdPath,
+    image_id: IdPath,
     session: SessionDep,
     settings: SettingsDep,
     size: Annotated[int, Query(ge=8, le=512, description="Longest side in pixels.")] = 96,

@@ -1,4 +1,4 @@
-"""Predictions from a job's best checkpoint."""
+"""Predictions from a job's best checkpoint, batched across concurrent requests."""
 
 from __future__ import annotations
 
@@ -6,25 +6,69 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
-from app.api.deps import MAX_ID, SessionDep, SettingsDep
-from app.core.errors import TooLarge
-from app.schemas.predict import PredictionRead
-from app.services.predictions import PredictorCache, predict_image
+from app.api.deps import MAX_ID, SettingsDep
+from app.core.config import Settings
+from app.core.errors import DomainError, Invalid, TooLarge
+from app.schemas.predict import BatchItemRead, BatchPredictionRead, PredictionRead
+from app.services.predictions import ModelCache, predict_many, predict_one
 
 router = APIRouter(tags=["predict"])
 
+JobIdForm = Annotated[int, Form(ge=1, le=MAX_ID, description="The job whose best checkpoint answers.")]
+TopKForm = Annotated[
+    int | None,
+    Form(ge=1, le=10_000, description="Also list the k most likely classes (at most the class count)."),
+]
 
-@router.post("/predict", response_model=PredictionRead)
-def predict(
-    request: Request,
-    job_id: Annotated[int, Form(ge=1, le=MAX_ID, description="The job whose best checkpoint answers.")],
-    file: Annotated[UploadFile, File(description="One image, any size or mode.")],
-    session: SessionDep,
-    settings: SettingsDep,
-) -> PredictionRead:
-    """Softmax scores over every class of the job, with exactly the job's evaluation preprocessing."""
-    data = file.file.read(settings.max_image_bytes + 1)
+
+def _cache(request: Request) -> ModelCache:
+    cache: ModelCache = request.app.state.predictors
+    return cache
+
+
+async def _read_image(file: UploadFile, settings: Settings) -> bytes:
+    """The upload's bytes, refused past the image size limit (read bounded: never the whole body)."""
+    data = await file.read(settings.max_image_bytes + 1)
     if len(data) > settings.max_image_bytes:
         raise TooLarge(f"file is larger than the {settings.max_image_bytes}-byte image limit")
-    cache: PredictorCache = request.app.state.predictors
-    return predict_image(session, cache=cache, job_id=job_id, data=data, max_pixels=settings.max_image_pixels)
+    return data
+
+
+@router.post("/predict", response_model=PredictionRead, response_model_exclude_none=True)
+async def predict(
+    request: Request,
+    job_id: JobIdForm,
+    file: Annotated[UploadFile, File(description="One image, any size or mode.")],
+    settings: SettingsDep,
+    top_k: TopKForm = None,
+) -> PredictionRead:
+    """Softmax scores over every class of the job, with exactly the job's evaluation preprocessing."""
+    data = await _read_image(file, settings)
+    return await predict_one(_cache(request), job_id=job_id, data=data, top_k=top_k)
+
+
+@router.post("/predict/batch", response_model=BatchPredictionRead, response_model_exclude_none=True)
+async def predict_batch(
+    request: Request,
+    job_id: JobIdForm,
+    files: Annotated[list[UploadFile], File(description="Several images; one result each, in order.")],
+    settings: SettingsDep,
+    top_k: TopKForm = None,
+) -> BatchPredictionRead:
+    """One prediction per file, in order; a bad file gets its own error and the others still answer."""
+    if len(files) > settings.predict_max_files:
+        raise Invalid(f"files: at most {settings.predict_max_files} files per request, got {len(files)}")
+    datas: list[bytes | DomainError] = []
+    for file in files:
+        try:
+            datas.append(await _read_image(file, settings))
+        except DomainError as exc:
+            datas.append(exc)
+    model, results = await predict_many(_cache(request), job_id=job_id, files=datas, top_k=top_k)
+    items = [
+        BatchItemRead(index=i, filename=f.filename, prediction=r, status_code=200)
+        if not isinstance(r, DomainError)
+        else BatchItemRead(index=i, filename=f.filename, error=r.message, status_code=r.status_code)
+        for i, (f, r) in enumerate(zip(files, results, strict=True))
+    ]
+    return BatchPredictionRead(job_id=job_id, epoch=model.epoch, results=items)
