@@ -182,7 +182,7 @@ def test_compose_trains_in_the_worker_and_keeps_everything_across_down_and_up(
     done = wait_for_job(client, job["id"], {"succeeded", "failed", "cancelled"})
     assert done["status"] == "succeeded", f"{done}\n{project.logs(worker)[-3000:]}"
     assert done["worker_id"].startswith(project.hostname(worker) + ":"), done
-    assert f"job {job['id']}: succeeded" in project.logs(worker)
+    assert f"job {job['id']}: ending succeeded" in project.logs(worker)
     metrics = client.get(f"/jobs/{job['id']}/metrics").json()
     assert [row["epoch"] for row in metrics["epochs"]] == [1, 2]
     assert metrics["epochs"][-1]["val_acc"] > 0.5, metrics  # chance is 0.1
@@ -221,7 +221,7 @@ def test_compose_trains_in_the_worker_and_keeps_everything_across_down_and_up(
     step(f"podman-compose down with a job training: {seconds:.1f}s", started)
     assert seconds < 10, f"down took {seconds:.1f}s\n{log_text[-3000:]}"
     assert "worker got signal 15" in log_text, log_text[-3000:]
-    assert f"job {long_job['id']}: queued" in log_text, log_text[-3000:]  # handed back, not killed
+    assert f"job {long_job['id']}: ending queued" in log_text, log_text[-3000:]  # handed back, not killed
     assert project.containers("api", running_only=False) == []
 
     # Up again, with three workers: the data is all on the volume.
