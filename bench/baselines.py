@@ -13,12 +13,19 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import litserve as ls
 import torch
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 
 from models.predictor import Predictor
 from models.preprocessing import ImageDecodeError, decode_image, to_uint8
+
+try:  # only the LitServe baseline needs it: `pip install -e '.[bench]'`
+    import litserve as ls
+
+    LitAPI: type = ls.LitAPI
+except ModuleNotFoundError:
+    ls = None
+    LitAPI = object
 
 
 def scores_of(predictor: Predictor, row: list[float]) -> dict[str, Any]:
@@ -48,7 +55,7 @@ def run_naive(args: argparse.Namespace) -> None:
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
-class ClassifierAPI(ls.LitAPI):
+class ClassifierAPI(LitAPI):  # type: ignore[misc, valid-type]
     """The same checkpoint behind LitServe: decode in decode_request, one forward pass per batch."""
 
     def __init__(self, checkpoint: str, threads: int, **kwargs: Any) -> None:
@@ -79,6 +86,8 @@ class ClassifierAPI(ls.LitAPI):
 
 
 def run_litserve(args: argparse.Namespace) -> None:
+    if ls is None:
+        raise SystemExit("the LitServe baseline needs litserve: .venv/bin/pip install -e '.[bench]'")
     api = ClassifierAPI(
         args.checkpoint, args.threads, max_batch_size=args.max_batch, batch_timeout=args.batch_timeout
     )

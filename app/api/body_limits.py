@@ -28,6 +28,8 @@ from app.core.security import OPEN_PATHS, api_key_matches
 MULTIPART_OVERHEAD = 64 * 1024
 UPLOAD_LIMITS_KEY = "trainserve.upload_limits"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# At most this much of a refused (401) body is read, and dropped, so that small requests see the answer.
+REFUSED_BODY_DRAIN_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,23 @@ async def _send_json(send: Send, status: int, detail: str, headers: dict[str, st
     await send({"type": "http.response.body", "body": body})
 
 
+async def _discard_small_body(receive: Receive, headers: Headers, budget: int) -> None:
+    """Read and drop a small refused body, so the client gets to read the answer: a server that closes
+    a connection with unread bytes in it makes TCP reset it, and the client sees a reset instead of the
+    401. Only a body that declares a length of at most `budget` is read; nothing of it is kept."""
+    declared = headers.get("content-length")
+    if declared is None or not declared.isdigit() or int(declared) > budget:
+        return  # a chunked body (no length) or a large one: not read at all
+    seen = 0
+    while seen <= budget:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 class BodyLimitMiddleware:
     """Pure ASGI (not BaseHTTPMiddleware): wraps `receive`, so limits hold for streamed bodies."""
 
@@ -119,6 +138,7 @@ class BodyLimitMiddleware:
             and path not in OPEN_PATHS
             and not api_key_matches(headers.get("authorization"), self.settings.api_keys)
         ):
+            await _discard_small_body(receive, headers, REFUSED_BODY_DRAIN_BYTES)
             detail = "missing or invalid API key (Authorization: Bearer <key>)"
             await _send_json(send, 401, detail, {"WWW-Authenticate": "Bearer"})
             return
