@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,10 @@ from sqlalchemy.engine import make_url
 import app.db.tables  # noqa: F401  (registers every table on Base.metadata)
 from app.db.base import Base
 from migrations import alembic_config, current_revision, upgrade_to_head
+from tests.conftest import POSTGRES_URL_ENV, scratch_postgres_database
 
 ROOT = Path(__file__).resolve().parents[2]
 ORM_TABLES = frozenset(Base.metadata.tables)
-POSTGRES_URL_ENV = "TRAINSERVE_TEST_DATABASE_URL"
 
 
 def head_revision() -> str:
@@ -105,16 +104,8 @@ def blank_postgres_url() -> Iterator[str]:
     base = os.environ.get(POSTGRES_URL_ENV)
     if not base:
         pytest.skip(f"{POSTGRES_URL_ENV} is not set (CI sets it; see .ci/run)")
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    name = f"trainserve_test_blank_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(base).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_postgres_database(base, "trainserve_test_blank") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
