@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from sqlalchemy.exc import OperationalError
 
@@ -9,7 +11,9 @@ from tests.conftest import make_settings
 from workers import loop
 
 
-def test_a_locked_database_while_polling_is_retried_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_locked_database_while_polling_is_retried_not_fatal(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     calls = []
 
     def claim(*_args: object, **_kwargs: object) -> None:
@@ -20,5 +24,7 @@ def test_a_locked_database_while_polling_is_retried_not_fatal(monkeypatch: pytes
 
     monkeypatch.setattr(loop, "claim", claim)
     monkeypatch.setattr(loop, "serve_slot", lambda *_args, **_kwargs: False)  # no multi-node jobs either
-    assert loop.serve(make_settings("sqlite:///unused.db", worker_poll_seconds=0.01), once=True) == 0
+    assert (
+        loop.serve(make_settings(f"sqlite:///{tmp_path}/unused.db", worker_poll_seconds=0.01), once=True) == 0
+    )
     assert len(calls) == 3
