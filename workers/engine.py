@@ -90,14 +90,19 @@ def make_optimizer(
     nesterov: bool = False,
 ) -> torch.optim.Optimizer:
     """Built over every parameter, frozen ones included: while frozen their grad stays None and the
-    optimiser skips them (no weight decay, no momentum), and unfreezing needs no new optimiser."""
+    optimiser skips them (no weight decay, no momentum), and unfreezing needs no new optimiser.
+
+    Adam and AdamW use their fused kernels (one pass over all parameters, on the CPU as on CUDA): for a
+    small network the per-parameter loop of the default implementation is a third of the step. Not SGD:
+    its fused kernel fails once a parameter unfrozen mid-training joins with no momentum buffer."""
     groups = param_groups(model, weight_decay)
+    fused = all(p.device.type in {"cpu", "cuda"} and p.is_floating_point() for p in model.parameters())
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=lr)
+        return torch.optim.Adam(groups, lr=lr, fused=fused)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, fused=fused)
     if name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr, momentum=momentum)
     raise ValueError(f"unknown optimizer {name!r}")

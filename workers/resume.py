@@ -44,6 +44,20 @@ def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
+def match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each restored per-parameter state tensor (momentum, Adam's moments) its parameter's memory
+    layout. A checkpoint stores them contiguous; the fused Adam kernels walk a parameter and its state
+    as one flat array, so a channels_last parameter with contiguous moments silently steps wrong."""
+    for parameter, values in optimizer.state.items():
+        for name, value in values.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.shape == parameter.shape
+                and value.stride() != parameter.stride()
+            ):
+                values[name] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
 @dataclass
 class TrainingState:
     """Everything that evolves during training, by reference; `save`/`restore` move it as a whole."""
@@ -81,6 +95,7 @@ class TrainingState:
         state = join_tensors(meta["state"], tensors)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        match_state_layouts(self.optimizer)
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])

@@ -646,3 +646,30 @@ def test_evaluate_does_not_track_gradients() -> None:
     run_evaluate(probe, 3, [1, 1, 1])
     assert probe.grad_enabled == [False]
     assert all(p.grad is None for p in probe.parameters())
+
+
+def test_restored_adam_moments_take_their_channels_last_parameters_layout() -> None:
+    """Fused AdamW walks a parameter and its moments as flat arrays: a resumed channels_last model with
+    contiguous moments (as a checkpoint stores them) must step exactly like the uninterrupted one."""
+    from workers.resume import match_state_layouts
+
+    def two_steps(restore_contiguous: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(conv, name="adamw", lr=0.1, momentum=0.9, weight_decay=0.0)
+        inputs = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+        for step in range(2):
+            optimizer.zero_grad()
+            conv(inputs).square().mean().backward()
+            optimizer.step()
+            if step == 0 and restore_contiguous:
+                saved = optimizer.state_dict()
+                for values in saved["state"].values():
+                    for name, value in list(values.items()):
+                        if value.dim() == 4:
+                            values[name] = value.contiguous()
+                optimizer.load_state_dict(saved)
+                match_state_layouts(optimizer)
+        return conv.weight.detach().contiguous()
+
+    assert torch.equal(two_steps(restore_contiguous=True), two_steps(restore_contiguous=False))
