@@ -20,6 +20,7 @@ from app.services import gang, queue
 from workers.distributed import distributed_spec, run_distributed
 from workers.gang import SlotCooldown, serve_slot
 from workers.joblog import JobLogCapture
+from workers.memory import limit_malloc_arenas, release_free_memory
 from workers.training import JobError, JobReporter, run_training
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,11 @@ def make_worker_id() -> str:
 def run_one(lease: queue.Lease, settings: Settings, shutdown: threading.Event) -> JobStatus | None:
     """Run a claimed job to its end and record the outcome; a failure never escapes to the loop.
     Everything logged meanwhile is stored as the job's log (`GET /jobs/{id}/logs`)."""
-    with JobLogCapture(lease, settings) as capture:
-        return _run_captured(lease, settings, shutdown, capture)
+    try:
+        with JobLogCapture(lease, settings) as capture:
+            return _run_captured(lease, settings, shutdown, capture)
+    finally:
+        release_free_memory()
 
 
 def _run_captured(
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = get_settings()
     configure_logging(settings.log_level)
+    limit_malloc_arenas(settings.worker_malloc_arenas)
     shutdown = threading.Event()
     install_signal_handlers(shutdown)
     return serve(settings, once=args.once, shutdown=shutdown)
