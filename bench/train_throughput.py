@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -125,14 +126,16 @@ def compute_ceiling(
     model_name: str,
     batch_size: int,
     device: torch.device,
+    channels_last: bool,
+    autocast: torch.dtype | None,
     compile_model: bool = False,
 ) -> float:
-    """(c) The same model and the job's default optimiser on normalised tensors already in (device)
-    memory: what the hardware can do with no data loading at all."""
+    """(c) The same model, the job's default optimiser and the step format the job trained in (memory
+    layout and autocast dtype, read from its `info`) on normalised tensors already in (device) memory:
+    what the hardware can do with no data loading at all."""
     size = pixels.shape[-1]
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=10, in_channels=1, image_size=size).to(device)
-    channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, name="adamw", lr=1e-3, momentum=0.9, weight_decay=1e-4)
@@ -141,7 +144,6 @@ def compute_ceiling(
     if channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     targets = targets.to(device)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
     stepped = torch.compile(model) if compile_model else model
     model.train()
 
@@ -180,6 +182,28 @@ def rss_kib(pid: int) -> dict[str, int]:
         if name in {"VmRSS", "VmHWM", "RssAnon", "RssFile"}:
             fields[name] = int(value.split()[0])
     return fields
+
+
+class PeakRss:
+    """Samples a process's RSS every 20 ms in a thread; `peak()` is the largest seen since `reset()`.
+    (VmHWM covers the whole process life: the cold job's cache build included.)"""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.largest, self.largest_parts = pid, 0, {}
+        self.stopped = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(0.02):
+            try:
+                fields = rss_kib(self.pid)
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            if fields["VmRSS"] > self.largest:
+                self.largest, self.largest_parts = fields["VmRSS"], fields
+
+    def reset(self) -> None:
+        self.largest, self.largest_parts = 0, {}
 
 
 def wait_for(
@@ -292,6 +316,7 @@ def main() -> None:
             )
             time.sleep(3)  # the worker has imported torch and is polling
             idle = rss_kib(worker.pid)
+            sampler = PeakRss(worker.pid)
 
             # (a) now, next to (b) in time: the machine's load drifts.
             rate_a = tutorial_loop(folder, model_name=args.model, batch_size=args.batch_size, device=device)
@@ -312,13 +337,27 @@ def main() -> None:
             labels = torch.tensor(
                 [int(label) for _, label in json.loads((entry / "images.json").read_text())]
             )
-            ceiling = {"model_name": args.model, "batch_size": args.batch_size, "device": device}
+            info = cold["job"]["info"]
+            precision = info["mixed_precision"]
+            ceiling = {
+                "model_name": args.model,
+                "batch_size": args.batch_size,
+                "device": device,
+                "channels_last": info["channels_last"],
+                "autocast": None if precision == "off" else getattr(torch, precision),
+            }
+            print(f"the job's step format: {info.get('step_format') or precision}")
+            results["step_format"] = info.get("step_format")
             rate_c1 = compute_ceiling(pixels, labels, **ceiling)
             print(f"(c) compute ceiling, before (b): {rate_c1:,.0f} images/s   ({load()})")
+            cold_peak = sampler.largest_parts
+            sampler.reset()
             warm_id, first_batch = submit_to_first_batch(client, spec)
             warm = epoch_row(client, warm_id)
             assert warm["job"]["info"]["data_cache"]["hit"], warm["job"]["info"]
             peak = rss_kib(worker.pid)
+            warm_peak = sampler.largest_parts
+            sampler.stopped.set()
             rate_b = warm["metrics"]["images_per_second"]
             rate_c2 = compute_ceiling(pixels, labels, **ceiling)
             rate_c = (rate_c1 + rate_c2) / 2
@@ -340,7 +379,16 @@ def main() -> None:
                 worker_peak_rss_mib=peak["VmHWM"] / 1024,
                 worker_peak_above_idle_mib=(peak["VmHWM"] - idle["VmRSS"]) / 1024,
                 worker_rss_after_mib=peak["VmRSS"] / 1024,
+                worker_warm_job_peak_above_idle_mib=(warm_peak["VmRSS"] - idle["VmRSS"]) / 1024,
+                worker_cold_job_peak_above_idle_mib=(cold_peak["VmRSS"] - idle["VmRSS"]) / 1024,
             )
+            for name, sample in (("cold job (cache build)", cold_peak), ("warm job", warm_peak)):
+                print(
+                    f"worker RSS during the {name}: peak {sample['VmRSS'] / 1024:.0f} MiB "
+                    f"(+{(sample['VmRSS'] - idle['VmRSS']) / 1024:.0f} MiB above idle; anonymous "
+                    f"+{(sample['RssAnon'] - idle['RssAnon']) / 1024:.0f} MiB, file-backed "
+                    f"+{(sample['RssFile'] - idle['RssFile']) / 1024:.0f} MiB)"
+                )
             print(
                 f"worker RSS: idle {idle['VmRSS'] / 1024:.0f} MiB, peak {peak['VmHWM'] / 1024:.0f} MiB "
                 f"(+{(peak['VmHWM'] - idle['VmRSS']) / 1024:.0f} MiB; now {peak['VmRSS'] / 1024:.0f} MiB, of "
@@ -363,15 +411,14 @@ def main() -> None:
             logs.close()
 
         results.update(ceiling=rate_c, ceiling_before=rate_c1, ceiling_after=rate_c2)
+        # The tutorial's own step (contiguous fp32) with no data loading: how much of b/a is the step
+        # format, and how much the data path.
+        results["ceiling_plain_fp32"] = compute_ceiling(
+            pixels, labels, **{**ceiling, "channels_last": False, "autocast": None}
+        )
+        print(f"(c0) ceiling in plain fp32, contiguous: {results['ceiling_plain_fp32']:,.0f} images/s")
         if args.compile:
-            results["ceiling_compiled"] = compute_ceiling(
-                pixels,
-                labels,
-                model_name=args.model,
-                batch_size=args.batch_size,
-                device=device,
-                compile_model=True,
-            )
+            results["ceiling_compiled"] = compute_ceiling(pixels, labels, **ceiling, compile_model=True)
             print(f"(c') compiled ceiling: {results['ceiling_compiled']:,.0f} images/s")
 
     print()

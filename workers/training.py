@@ -25,10 +25,11 @@ from app.services import queue
 from app.services.jobs import best_checkpoint
 from app.services.weights import get_weights
 from models.checkpoint import bytes_to_state_dict, state_dict_to_bytes
-from models.preprocessing import Preprocessing
+from models.preprocessing import Preprocessing, normalize
 from models.pretrained import PretrainedWeightsMissing, load_compatible, load_pretrained
 from models.registry import backbone_parameters, build_model, get_model_info
 from workers.augment import build_augment, build_mix
+from workers.autotune import StepFormat, choose_cpu_step_format, cpu_bf16_native
 from workers.batches import place_on_device
 from workers.data import infer_channels, list_images, load_images
 from workers.engine import (
@@ -61,8 +62,8 @@ def _metric_value(name: str, result: EvalResult) -> float:
 
 
 def resolve_precision(setting: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether a grad scaler is needed). Autocast only where it helps:
-    bf16/fp16 on CUDA; on the CPU only when bf16 is asked for."""
+    """(autocast dtype or None, whether a grad scaler is needed). bf16/fp16 on CUDA; on the CPU only
+    when bf16 is asked for (under `auto` the CPU step-format trial may still choose bf16)."""
     if setting == "off":
         return None, False
     if device.type != "cuda":
@@ -72,6 +73,18 @@ def resolve_precision(setting: str, device: torch.device) -> tuple[torch.dtype |
     if setting == "fp16" or (setting == "auto" and not torch.cuda.is_bf16_supported()):
         return torch.float16, True
     return torch.bfloat16, False
+
+
+def _trial_batch(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    train: torch.Tensor,
+    batch_size: int,
+    preprocessing: Preprocessing,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One real training batch, normalised as training will see it, for the step-format trial."""
+    ids = train[:batch_size]
+    return normalize(images[ids], preprocessing), targets[ids]
 
 
 def dataset_mean_std(images: torch.Tensor, indices: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -238,17 +251,36 @@ def run_training(
         spec.model, num_classes=len(classes), in_channels=channels, image_size=preprocessing.image_size
     )
     init_report = previous_info.get("init", {}) if resume_from else initialise(model, spec, settings)
-    # channels_last lets cuDNN use its tensor-core convolutions; on the CPU it only adds copies.
-    model.to(device, memory_format=torch.channels_last if on_cuda else torch.preserve_format)
+
+    def new_optimizer(module: nn.Module) -> torch.optim.Optimizer:
+        return make_optimizer(
+            module,
+            name=spec.optimizer,
+            lr=dist.scaled_lr() if dist is not None else spec.lr,
+            momentum=spec.momentum,
+            weight_decay=spec.weight_decay,
+            nesterov=spec.nesterov,
+        )
+
+    # channels_last lets cuDNN use its tensor-core convolutions. On the CPU it depends on the network
+    # (so does bf16), so a short timed trial picks.
+    channels_last = on_cuda
+    step_format = None
+    if device.type == "cpu" and dist is None and not spec.compile and settings.cpu_autotune_seconds > 0:
+        step_format = choose_cpu_step_format(
+            model,
+            new_optimizer,
+            *_trial_batch(images, targets, index["train"], spec.batch_size, preprocessing),
+            default=StepFormat(channels_last=False, autocast_dtype=autocast_dtype),
+            try_bf16=spec.mixed_precision == "auto" and cpu_bf16_native(),
+            key=(spec.model, len(classes), channels, preprocessing.image_size, spec.batch_size),
+            budget_seconds=settings.cpu_autotune_seconds,
+        )
+        channels_last = step_format.chosen.channels_last
+        autocast_dtype = step_format.chosen.autocast_dtype
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     train_model = dist.wrap(model) if dist is not None else model  # `model` stays unwrapped: checkpoints
-    optimizer = make_optimizer(
-        model,
-        name=spec.optimizer,
-        lr=dist.scaled_lr() if dist is not None else spec.lr,
-        momentum=spec.momentum,
-        weight_decay=spec.weight_decay,
-        nesterov=spec.nesterov,
-    )
+    optimizer = new_optimizer(model)
     train_samples = dist.shard_size(len(index["train"])) if dist is not None else len(index["train"])
     batches_per_epoch = math.ceil(train_samples / spec.batch_size)
     schedule = LRSchedule(
@@ -309,7 +341,8 @@ def run_training(
         "world_size": 1,
         "data_cache": cache_entry.summary(),
         "data_placement": placement,
-        "channels_last": on_cuda,
+        "channels_last": channels_last,
+        "step_format": step_format.summary() if step_format is not None else None,
         "compile": spec.compile,
     }
     if dist is not None:
@@ -326,7 +359,9 @@ def run_training(
         "monitor": spec.monitor,
         "ema": ema is not None,
     }
-    eval_batch = max(spec.batch_size * 4, 1024) if on_cuda else max(spec.batch_size * 2, 256)
+    # Validation has no gradient, so larger batches: on the GPU to fill it; on the CPU only a little
+    # larger (simple_cnn validates as fast at 64 as at 256, and 256 held 25 MB per activation).
+    eval_batch = max(spec.batch_size * 4, 1024) if on_cuda else max(spec.batch_size * 2, 64)
     tracker = EarlyStopping(
         mode=spec.monitor_mode, patience=spec.early_stopping_patience, min_delta=spec.min_delta
     )
@@ -388,7 +423,7 @@ def run_training(
                 grad_clip_norm=spec.grad_clip_norm,
                 ema=ema,
                 on_optimizer_step=schedule.optimizer_step,
-                channels_last=on_cuda,
+                channels_last=channels_last,
             )
         except Stopped as stopped:
             return _stopped(stopped.reason, epoch - 1)
@@ -406,7 +441,7 @@ def run_training(
             preprocessing=preprocessing,
             device=device,
             autocast_dtype=autocast_dtype,
-            channels_last=on_cuda,
+            channels_last=channels_last,
         )
         value = _metric_value(spec.monitor, val)
         schedule.epoch_end(epoch, value)
@@ -498,7 +533,7 @@ def run_training(
             preprocessing,
             device,
             autocast_dtype,
-            channels_last=on_cuda,
+            channels_last=channels_last,
         )
     return JobStatus.succeeded, stop_reason
 

@@ -106,6 +106,20 @@ class Settings(BaseSettings):
     cache_pool_min_images: int = Field(
         default=4096, ge=1, description="smaller datasets are decoded in the worker itself, no process pool"
     )
+    worker_malloc_arenas: int = Field(
+        default=2,
+        ge=0,
+        le=1024,
+        description="glibc malloc arenas in a worker process (0: glibc's default of 8 per core); fewer "
+        "arenas keep a job's peak memory lower at the same speed",
+    )
+    cpu_autotune_seconds: float = Field(
+        default=3.0,
+        ge=0,
+        le=600,
+        description="on the CPU, time spent timing a few training steps in each memory layout (and in bf16 "
+        "where the CPU has it and mixed_precision is auto) to train in the fastest; 0 turns it off",
+    )
     device_data_fraction: float = Field(
         default=0.5,
         ge=0,

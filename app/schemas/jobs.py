@@ -105,7 +105,8 @@ class JobSpec(BaseModel):
     accumulate_steps: int = Field(default=1, ge=1, le=1024, description="Batches per optimiser step.")
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = Field(
         default="auto",
-        description="`auto`: bf16 (or fp16 with a grad scaler) autocast on CUDA, off on the CPU; `bf16` "
+        description="`auto`: bf16 (or fp16 with a grad scaler) autocast on CUDA; on the CPU bf16 only "
+        "where the CPU has bf16 instructions and a timed trial of a few steps shows it faster; `bf16` "
         "also on the CPU; `fp16` needs CUDA.",
     )
     freeze_epochs: int = Field(

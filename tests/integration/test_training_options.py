@@ -10,6 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.core.config import Settings
+from tests.conftest import make_settings
 from tests.factories import digits
 from workers.loop import serve
 
@@ -254,3 +255,23 @@ def test_fp16_on_the_cpu_fails_the_job_with_a_readable_error(
     job = client.get(f"/jobs/{job_id}").json()
     assert job["status"] == "failed"
     assert "needs a CUDA device" in job["error"]
+
+
+def test_a_cpu_job_trains_in_the_step_format_its_trial_chose(
+    client: TestClient, settings: Settings, dataset_id: int
+) -> None:
+    job, rows = train(client, settings, dataset_id=dataset_id, epochs=3)
+    info = job["info"]
+    chosen = info["step_format"]["chosen"]
+    assert chosen in info["step_format"]["images_per_second"]
+    assert info["channels_last"] == chosen.startswith("channels_last")
+    assert info["mixed_precision"] == ("bfloat16" if chosen.endswith("bfloat16") else "off")
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] and rows[-1]["val_acc"] > 0.5  # it learns
+
+
+def test_the_trial_can_be_turned_off(client: TestClient, database_url: str, dataset_id: int) -> None:
+    settings = make_settings(database_url, cpu_autotune_seconds=0)
+    job, _ = train(client, settings, dataset_id=dataset_id, epochs=1)
+    assert job["info"]["step_format"] is None
+    assert job["info"]["channels_last"] is False
+    assert job["info"]["mixed_precision"] == "off"
