@@ -46,8 +46,12 @@ def cmd_api(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": 5,
     }
     if settings.api_processes > 1:
-        # Several processes share the socket; each builds its app (and model cache) from the same
-        # TRAINSERVE_* environment, so settings and API keys are identical in all of them.
+        # Each process builds its app (and model cache) from the same TRAINSERVE_* environment, so
+        # settings and API keys are identical in all of them.
+        from app.processes import reuseport_supported, serve_processes
+
+        if reuseport_supported():
+            return serve_processes(options, settings.api_processes)
         uvicorn.run("app.main:create_app", factory=True, workers=settings.api_processes, **options)
     else:
         uvicorn.run(create_app(settings), **options)
