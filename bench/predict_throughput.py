@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -60,10 +61,10 @@ LITSERVE = {
     "litserve-best": ["--max-batch", "8", "--batch-timeout", "0.005", "--workers", "2", "--threads", "1",
                       "--api-servers", "2"],
 }  # fmt: skip
-# trainserve as recommended for this machine (one API process per core, two forward passes in flight per
-# model, so a process that holds most connections still uses both cores) and with every default.
+# trainserve as recommended for this machine (one API process per core, the kernel spreading connections
+# between them; one forward pass at a time per model and process) and with every default.
 TRAINSERVE = {
-    "trainserve": {"TRAINSERVE_API_PROCESSES": "2", "TRAINSERVE_PREDICT_CONCURRENCY": "2"},
+    "trainserve": {"TRAINSERVE_API_PROCESSES": "2", "TRAINSERVE_PREDICT_CONCURRENCY": "1"},
     "trainserve-1proc": {},
 }
 SERVERS = [*TRAINSERVE, "naive", *LITSERVE, "ceiling"]
@@ -221,23 +222,46 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def ceiling(checkpoint: Path, name: str, seconds: float) -> dict[str, Any]:
-    """The model alone: img/s at each batch size on preprocessed tensors (no HTTP, no decode)."""
-    predictor = Predictor(checkpoint.read_bytes())
+    """The model alone, no HTTP, no decode: img/s on preprocessed tensors at each batch size, in both
+    memory layouts, run as one pass using every core or as one single-thread pass per core side by side
+    (what a multi-process server does). The best of them is the ceiling."""
+    predictor = Predictor(checkpoint.read_bytes(), serialize=False)
     tensor = to_uint8(decode_image(request_image(name)), predictor.preprocessing)
+    cores = len(os.sched_getaffinity(0))
     best: dict[str, Any] = {"img_per_s": 0.0}
-    per_batch = {}
-    for batch in (1, 8, 16, 32, 64):
-        tensors = [tensor] * batch
+    per_setup: dict[str, float] = {}
+    for channels_last in (False, True):
+        predictor.set_channels_last(channels_last)
+        for passes in sorted({1, cores}):
+            for batch in (1, 4, 8, 16, 32, 64):
+                rate = _parallel_rate(predictor, [tensor] * batch, passes, max(1, cores // passes), seconds)
+                setup = f"{'channels_last' if channels_last else 'contiguous'}, {passes} x batch {batch}"
+                per_setup[setup] = rate
+                if rate > best["img_per_s"]:
+                    best = {"img_per_s": rate, "batch": batch, "setup": setup}
+    return {**best, "per_setup": per_setup}
+
+
+def _parallel_rate(
+    predictor: Predictor, tensors: list[torch.Tensor], passes: int, threads: int, seconds: float
+) -> float:
+    counts = [0] * passes
+    stop_at = time.perf_counter() + seconds
+
+    def run(index: int) -> None:
+        torch.set_num_threads(threads)  # per calling thread (OpenMP)
         predictor.probabilities_of(tensors)  # warm-up
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
+        while time.perf_counter() < stop_at:
             predictor.probabilities_of(tensors)
-            count += batch
-        rate = count / (time.perf_counter() - started)
-        per_batch[batch] = rate
-        if rate > best["img_per_s"]:
-            best = {"img_per_s": rate, "batch": batch}
-    return {**best, "per_batch": per_batch, "torch_threads": torch.get_num_threads()}
+            counts[index] += len(tensors)
+
+    started = time.perf_counter()
+    runners = [threading.Thread(target=run, args=(i,)) for i in range(passes)]
+    for runner in runners:
+        runner.start()
+    for runner in runners:
+        runner.join()
+    return sum(counts) / (time.perf_counter() - started)
 
 
 def server_argv(server: str, checkpoint: Path, port: int) -> list[str]:
@@ -295,11 +319,9 @@ def main() -> None:
             body_path.write_bytes(body)
             for server in servers:
                 if server == "ceiling":
-                    row = ceiling(prepared.checkpoints[name], name, seconds=min(args.seconds, 3.0))
+                    row = ceiling(prepared.checkpoints[name], name, seconds=min(args.seconds, 2.0))
                     results.append({"model": name, "server": server, **row})
-                    print(
-                        f"{name} ceiling: {row['img_per_s']:,.0f} img/s at batch {row['batch']}", flush=True
-                    )
+                    print(f"{name} ceiling: {row['img_per_s']:,.0f} img/s ({row['setup']})", flush=True)
                     continue
                 port = free_port()
                 env = child_env({})
@@ -354,7 +376,7 @@ def report(results: list[dict[str, Any]], models: list[str], clients: list[int])
                     )
         top = find(model, "ceiling")
         if top:
-            label = f"ceiling (in-process, batch {top['batch']})"
+            label = f"ceiling (in-process, {top['setup']})"
             print(f"| {model} | - | {label} | {top['img_per_s']:,.0f} img/s | | | | | |")
     print()
     for model in models:

@@ -138,7 +138,20 @@ class Settings(BaseSettings):
         description="a cached model is re-checked against the database at most this often: a newer best "
         "checkpoint is served within this time (0: check on every request)",
     )
-    predict_max_batch_size: int = Field(default=32, ge=1, le=4096, description="images per forward pass")
+    predict_max_batch_size: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="images per forward pass at most; on the CPU the load-time plan may choose fewer",
+    )
+    predict_plan_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        le=600,
+        description="on the CPU, time spent when a model loads timing its forward pass in each memory "
+        "layout and at growing batch sizes, to serve in the faster layout and never batch past the best "
+        "size; 0 turns it off",
+    )
     predict_max_wait_ms: float = Field(
         default=5.0,
         ge=0,

@@ -29,6 +29,7 @@ from app.db.tables import Checkpoint, CheckpointKind
 from app.schemas.predict import LabelScore, PredictionRead
 from app.services.batching import DynamicBatcher
 from app.services.jobs import best_checkpoint, get_job
+from app.services.serving_plan import plan_serving
 from models.predictor import Predictor
 from models.preprocessing import ImageDecodeError, decode_image, to_uint8
 
@@ -207,6 +208,12 @@ class ModelCache:
             entry.checked_at = checked_at
             return entry
         predictor = Predictor(weights, device=self.device, serialize=self.settings.predict_concurrency == 1)
+        use_threads(threads_for(self.settings, 2))  # the threads a batch will run with
+        plan = plan_serving(
+            predictor,
+            max_batch_size=self.settings.predict_max_batch_size,
+            budget_seconds=self.settings.predict_plan_seconds,
+        )
         served = ServedModel(
             job_id=job_id,
             version=version,
@@ -219,7 +226,7 @@ class ModelCache:
                     threads=threads_for(self.settings, len(items)),
                 ),
                 executor=self._forward,
-                max_batch_size=self.settings.predict_max_batch_size,
+                max_batch_size=plan.max_batch_size,
                 max_wait_seconds=self.settings.predict_max_wait_ms / 1000,
                 concurrency=self.settings.predict_concurrency,
             ),
@@ -227,7 +234,11 @@ class ModelCache:
             checked_at=checked_at,
         )
         log.info(
-            "loaded job %d's best checkpoint (epoch %d, %d bytes)", job_id, version[1], served.size_bytes
+            "loaded job %d's best checkpoint (epoch %d, %d bytes); serving %s",
+            job_id,
+            version[1],
+            served.size_bytes,
+            plan.summary(),
         )
         with self._lock:
             self._items[job_id] = served

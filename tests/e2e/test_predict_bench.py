@@ -33,5 +33,7 @@ def test_prediction_benchmark_runs_in_a_tiny_configuration(tmp_path: Path) -> No
         assert row["requests"] > 0 and row["errors"] == 0, row
         assert row["p50_ms"] <= row["p99_ms"]
     ceiling = next(r for r in rows if r["server"] == "ceiling")
-    assert ceiling["img_per_s"] > 0 and str(ceiling["batch"]) in ceiling["per_batch"]
+    assert ceiling["img_per_s"] > 0 and ceiling["per_setup"][ceiling["setup"]] == ceiling["img_per_s"]
+    assert ceiling["img_per_s"] == max(ceiling["per_setup"].values())
+    assert any(setup.startswith("channels_last") for setup in ceiling["per_setup"])
     assert "simple_cnn @ 4 clients: trainserve =" in done.stdout
