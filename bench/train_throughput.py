@@ -11,11 +11,13 @@ layout, then measures in one run, with the same `simple_cnn`, batch size and one
       spec but batch_size and epochs=1, its images/s read from GET /jobs/{id}/metrics: first with a
       cold decoded-image cache (which times the cache build), then again with the cache warm (which times
       POST /jobs to the first finished batch, seen in GET /jobs/{id}'s progress);
-  (c) the compute ceiling: the same model and the job's default optimiser (AdamW) stepping on normalised
-      tensors already in memory, no data loading at all;
+  (c) the compute ceiling: the same model, the job's default optimiser (AdamW, fused) and the step format
+      the job chose (memory layout and autocast dtype, from its `info`) stepping on normalised tensors
+      already in memory, no data loading at all; and (c0) the same in the tutorial's plain format
+      (contiguous fp32), to show how much of b/a is the step format and how much the data path;
 
-and the worker's memory (peak RSS above the same process idle). `--compile` adds a job with
-`"compile": true` and the compiled ceiling.
+and the worker's memory: its peak RSS during each job above the same process idle, sampled every 20 ms.
+`--compile` adds a job with `"compile": true` and the compiled ceiling.
 
     .venv/bin/python bench/train_throughput.py                       # 60,000 images, CPU
     .venv/bin/python bench/train_throughput.py --images 6000         # a quick look
