@@ -10,6 +10,7 @@ hashes each new connection to one of them. Elsewhere uvicorn's own workers are u
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -50,10 +51,22 @@ def check_port_free(host: str, port: int) -> None:
         raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
-def serve_one(options: dict[str, Any]) -> None:
+def _die_with_parent(parent: int) -> None:
+    """If the supervising process is killed outright (SIGKILL, OOM), the kernel sends this child
+    SIGTERM, so no API process is left serving on its own."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def serve_one(options: dict[str, Any], parent: int) -> None:
     """One API process (the target of a spawned child): its own SO_REUSEPORT socket, then uvicorn."""
     import uvicorn
 
+    _die_with_parent(parent)
     sock = _socket(options["host"], options["port"], reuse_port=True)
     sock.listen(BACKLOG)
     config = uvicorn.Config("app.main:create_app", factory=True, **options)
@@ -67,7 +80,7 @@ def serve_processes(options: dict[str, Any], processes: int) -> int:
     context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no torch state forked
 
     def start() -> tuple[BaseProcess, float]:
-        child = context.Process(target=serve_one, args=(options,), name="trainserve-api")
+        child = context.Process(target=serve_one, args=(options, os.getpid()), name="trainserve-api")
         child.start()
         return child, time.monotonic()
 

@@ -81,3 +81,13 @@ def test_a_port_in_use_is_refused_by_name(sqlite_url: str, tmp_path: Path) -> No
         api = start_api(sqlite_url, port, tmp_path / "api.log")
         assert api.wait(timeout=60) != 0
     assert f"cannot listen on 127.0.0.1:{port}" in (tmp_path / "api.log").read_text()
+
+
+def test_processes_do_not_outlive_a_killed_parent(sqlite_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    api = start_api(sqlite_url, port, tmp_path / "api.log")
+    children = serving_children(api, port, 2)
+    api.kill()  # SIGKILL: no chance to stop them itself
+    api.wait()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], "API processes outlived their parent"
