@@ -8,8 +8,7 @@ Ctrl-C/SIGTERM on to them and waits until they have all exited.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
+import functools
 import logging
 import os
 import signal
@@ -20,6 +19,7 @@ from types import FrameType
 
 from app.core.config import get_settings
 from app.core.logging import configure_logging
+from app.processes import die_with_parent
 
 log = logging.getLogger("trainserve")
 
@@ -65,23 +65,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover - execv does not return
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: if `up` itself is killed (SIGKILL, OOM), the kernel sends the
-    child SIGTERM, so no API or worker is ever left running on its own."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-PR_SET_PDEATHSIG = 1
-
-
 def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
     # A process group of its own: Ctrl-C in a terminal reaches only `up`, which then sends each
     # child exactly one SIGTERM (a second signal would make a worker skip its graceful requeue).
     return subprocess.Popen(
         [sys.executable, *argv],
         process_group=0,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        # If `up` itself is killed (SIGKILL, OOM), the kernel sends the child SIGTERM, so no API or
+        # worker is ever left running on its own.
+        preexec_fn=functools.partial(die_with_parent, os.getpid()) if sys.platform == "linux" else None,
     )
 
 

@@ -51,9 +51,9 @@ def check_port_free(host: str, port: int) -> None:
         raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
-def _die_with_parent(parent: int) -> None:
-    """If the supervising process is killed outright (SIGKILL, OOM), the kernel sends this child
-    SIGTERM, so no API process is left serving on its own."""
+def die_with_parent(parent: int) -> None:
+    """In a child of `parent` (Linux): if the parent is killed outright (SIGKILL, OOM), the kernel sends
+    this process SIGTERM, so no child is left running on its own."""
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # it died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
@@ -66,7 +66,7 @@ def serve_one(options: dict[str, Any], parent: int) -> None:
     """One API process (the target of a spawned child): its own SO_REUSEPORT socket, then uvicorn."""
     import uvicorn
 
-    _die_with_parent(parent)
+    die_with_parent(parent)
     sock = _socket(options["host"], options["port"], reuse_port=True)
     sock.listen(BACKLOG)
     config = uvicorn.Config("app.main:create_app", factory=True, **options)
