@@ -37,13 +37,37 @@ def _rate(predictor: Predictor, inputs: list[torch.Tensor]) -> float:
     return len(inputs) / (time.perf_counter() - started)
 
 
+_remembered: dict[tuple[object, ...], ServingPlan] = {}
+
+
 def plan_serving(predictor: Predictor, *, max_batch_size: int, budget_seconds: float) -> ServingPlan:
     """Time the layouts at a small batch, then batches 1, 2, 4, … up to `max_batch_size` in the faster
     layout until one is clearly slower per image than the best so far, or the budget is spent. Runs with
     the calling thread's torch thread count (set it to what batches will run with). Leaves
-    `predictor` in the chosen layout."""
+    `predictor` in the chosen layout.
+
+    A plan is remembered per (architecture, input shape, classes, threads, cap) for the life of the
+    process: a running job's every newer best checkpoint replaces the cached model, and timing the same
+    network again would hold its waiting requests for seconds each time."""
     if predictor.device.type != "cpu" or budget_seconds <= 0:
         return ServingPlan(channels_last=False, max_batch_size=max_batch_size)
+    pre = predictor.preprocessing
+    key = (
+        predictor.meta["architecture"],
+        pre.channels,
+        pre.image_size,
+        len(predictor.classes),
+        torch.get_num_threads(),
+        max_batch_size,
+    )
+    plan = _remembered.get(key)
+    if plan is None:
+        plan = _remembered[key] = _timed_plan(predictor, max_batch_size, budget_seconds)
+    predictor.set_channels_last(plan.channels_last)
+    return plan
+
+
+def _timed_plan(predictor: Predictor, max_batch_size: int, budget_seconds: float) -> ServingPlan:
     deadline = time.perf_counter() + budget_seconds
     pre = predictor.preprocessing
     sample = torch.randint(0, 256, (pre.channels, pre.image_size, pre.image_size), dtype=torch.uint8)

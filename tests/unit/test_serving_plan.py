@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import torch
 
+from app.services import serving_plan
 from app.services.serving_plan import plan_serving
 from models.predictor import Predictor
 from tests.checkpoints import checkpoint_bytes
+
+
+@pytest.fixture(autouse=True)
+def _forget() -> None:
+    serving_plan._remembered.clear()
 
 
 def images(count: int, channels: int = 1, size: int = 28) -> list[torch.Tensor]:
@@ -49,3 +58,15 @@ def test_both_layouts_give_the_same_scores() -> None:
     assert torch.allclose(predictor.probabilities_of(batch), plain, atol=1e-5)
     predictor.set_channels_last(False)
     assert torch.equal(predictor.probabilities_of(batch), plain)
+
+
+def test_a_plan_is_remembered_for_the_next_checkpoint_of_the_same_network() -> None:
+    first = Predictor(checkpoint_bytes(seed=0))
+    plan = plan_serving(first, max_batch_size=8, budget_seconds=30)
+    newer = Predictor(checkpoint_bytes(seed=1))  # a later best checkpoint: same architecture and shape
+    started = time.perf_counter()
+    assert plan_serving(newer, max_batch_size=8, budget_seconds=30) is plan
+    assert time.perf_counter() - started < 0.05  # not timed again
+    assert newer.memory_format == first.memory_format  # and put in the planned layout
+    other_cap = plan_serving(newer, max_batch_size=4, budget_seconds=30)
+    assert other_cap is not plan and other_cap.max_batch_size <= 4
