@@ -668,15 +668,16 @@ async function jobPage(id) {
   }
 
   let logTimer = null;
+  function renderLogs() {
+    clearTimeout(logTimer);
+    logTimer = null;
+    const stick = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 20;
+    logBox.replaceChildren(...logs.slice(-500).map((l) => h("span", { class: l.level, text: `${l.created_at.slice(11, 19)} ${l.level.padEnd(7)} ${l.message}\n` })));
+    if (stick) logBox.scrollTop = logBox.scrollHeight;
+  }
   function drawLogs() {
     // Batched: a burst of log lines redraws once.
-    if (logTimer) return;
-    logTimer = setTimeout(() => {
-      logTimer = null;
-      const stick = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 20;
-      logBox.replaceChildren(...logs.slice(-500).map((l) => h("span", { class: l.level, text: `${l.created_at.slice(11, 19)} ${l.level.padEnd(7)} ${l.message}\n` })));
-      if (stick) logBox.scrollTop = logBox.scrollHeight;
-    }, 200);
+    if (!logTimer) logTimer = setTimeout(renderLogs, 200);
   }
 
   drawHeader(); drawSummary(); drawCharts();
@@ -692,7 +693,7 @@ async function jobPage(id) {
       if (rows.length === 1) drawHeader();
     } else if (name === "log") { logs.push(data); drawLogs(); }
     else if (name === "evaluation") { evaluation = data; drawEvaluation(); }
-    else if (name === "end") { main.dataset.ended = "true"; drawHeader(); }
+    else if (name === "end") { renderLogs(); main.dataset.ended = "true"; drawHeader(); }  // ended: all shown
   }, controller.signal).catch((error) => fail(error));
 }
 
