@@ -84,20 +84,23 @@ def _timed_plan(predictor: Predictor, max_batch_size: int, budget_seconds: float
     channels_last = len(layouts) == 2 and layouts[True] > layouts[False] * 1.03
     predictor.set_channels_last(channels_last)
     layout = "channels_last" if channels_last else "contiguous"
-    best_batch, best_rate, batch = 1, 0.0, 1
-    out_of_time = False
+    # Images/s per batch size in the chosen layout; the probe above is one of them.
+    sweep = {probe: layouts[channels_last]} if channels_last in layouts else {}
+    batch, out_of_time = 1, False
     while batch <= max_batch_size:
         if time.perf_counter() >= deadline:
             out_of_time = True
             break
-        key = f"{layout}@{batch}"
-        rate = rates[key] if key in rates else _rate(predictor, [sample] * batch)
-        rates[key] = rate
-        if rate > best_rate / NEAR_BEST:
-            best_batch, best_rate = batch, max(rate, best_rate)
-        elif rate < best_rate * NEAR_BEST:
+        if batch not in sweep:
+            sweep[batch] = _rate(predictor, [sample] * batch)
+        if sweep[batch] < max(rate for size, rate in sweep.items() if size <= batch) * NEAR_BEST:
             break  # past the cache sweet spot: larger batches only get slower
         batch *= 2
+    rates.update({f"{layout}@{size}": rate for size, rate in sweep.items()})
+    best_batch, best_rate = 1, 0.0
+    for size in sorted(sweep):  # every measured size, the probe included even when the sweep stopped first
+        if sweep[size] > best_rate / NEAR_BEST:
+            best_batch, best_rate = size, sweep[size]
     reason = f"timed {len(rates)} passes"
     if out_of_time:
         reason += f"; stopped by the {budget_seconds:g} s budget"
