@@ -57,6 +57,7 @@ class Part:
     argv: list[str]
     result: Path | None  # the JSON file the part writes
     describe: Callable[[Any], tuple[str, dict[str, Any]]]  # its JSON -> (table note, numbers)
+    env: dict[str, str] = field(default_factory=dict)  # added to this environment
 
 
 # --- the parts' numbers -------------------------------------------------------------------------
@@ -131,9 +132,11 @@ def times(ratio: float | None) -> str:
 # --- running a part -----------------------------------------------------------------------------
 
 
-def run_part(part: Part, deadline: float) -> Outcome:
-    # What is left after this part's stop (SIGTERM, grace, SIGKILL) and the summary.
-    limit = min(part.budget, deadline - time.time() - SUMMARY_RESERVE_SECONDS - KILL_GRACE_SECONDS - 10)
+def run_part(part: Part, deadline: float, banked: float = 0.0) -> Outcome:
+    """Run one part for its budget plus the time earlier parts left unused (`banked`), and never past
+    what is left of the whole run after this part's stop (SIGTERM, grace, SIGKILL) and the summary."""
+    left = deadline - time.time() - SUMMARY_RESERVE_SECONDS - KILL_GRACE_SECONDS - 10
+    limit = min(part.budget + banked, left)
     if limit < MIN_PART_SECONDS:
         print(f"== {part.name}: not run: the whole run's time budget is spent", flush=True)
         return Outcome(part.name, "not run", note="the whole run's time budget was spent")
@@ -148,6 +151,7 @@ def run_part(part: Part, deadline: float) -> Outcome:
         text=True,
         errors="replace",
         start_new_session=True,  # its own process group: a timeout stops everything it started
+        env={**os.environ, **part.env},
     )
     reader = threading.Thread(target=_echo, args=(process, tail), daemon=True)
     reader.start()
@@ -272,16 +276,18 @@ def plan(python: str, work: Path) -> list[Part]:
     api_processes = os.environ.get("GPU_CHECK_API_PROCESSES", "4")
     e2e_out = work / "e2e.json"
     # Other test modules import what only `make test` installs (playwright, schemathesis): collect the
-    # GPU tests' folder alone, where every test marked gpu lives.
-    pytest_argv = [python, "-m", "pytest", "-m", "gpu", "tests/gpu", "-p", "no:cacheprovider", "-q",
-                   "--timeout", "120"]  # fmt: skip
+    # GPU tests' folder alone, where every test marked gpu lives. Only pytest-timeout of the plugins
+    # installed: a GPU image's own (xdist, cov, benchmark...) may not suit its pytest.
+    pytest_argv = [python, "-m", "pytest", "-m", "gpu", "tests/gpu", "-p", "pytest_timeout", "-p",
+                   "no:cacheprovider", "-q", "--timeout", "120"]  # fmt: skip
+    no_plugins = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
     predict_argv = [python, str(bench / "predict_throughput.py"), "--device", "cuda", "--models", "resnet18",
                     "--clients", "1,32", "--servers", "trainserve,litserve-gpu,ceiling", "--ceiling-batches",
-                    "1,8,32", "--seconds", "3", "--warmup", "1", "--trainserve-env",
+                    "1,8,32", "--seconds", "3", "--warmup", "3", "--trainserve-env",
                     f"TRAINSERVE_API_PROCESSES={api_processes}", "--json", str(predict_out)]  # fmt: skip
     e2e_argv = [python, __file__, "--e2e", str(e2e_out)]
     return [
-        Part("pytest -m gpu", 85, pytest_argv, None, pytest_note),
+        Part("pytest -m gpu", 85, pytest_argv, None, pytest_note, no_plugins),
         train("resnet18", 95, "--image-size", "224", "--images", "10000", "--batch-size", "128"),
         train("simple_cnn", 65, "--images", "30000", "--batch-size", "128"),
         Part("predict resnet18", 95, predict_argv, predict_out, describe_predict),
@@ -355,13 +361,16 @@ def run_all(args: argparse.Namespace) -> int:
         reason = f"nvidia-smi lists {info['nvidia_smi']} but torch.cuda.is_available() is False"
         print(f"== cuda: FAILED: {reason}", flush=True)
         outcomes.append(Outcome("cuda", "failed", note=reason + f" ({info.get('torch_error', '')})"))
+    banked = max(0.0, args.install_budget - args.install_seconds)  # unused time passes on
     for part in plan(args.python, args.work):
         if part.name in GPU_PARTS and not cuda:
             line = "skipped: no CUDA GPU (torch.cuda.is_available() is False)"
             print(f"== {part.name}: {line}", flush=True)
             outcomes.append(Outcome(part.name, "skipped", note=line))
             continue
-        outcomes.append(run_part(part, args.deadline))
+        outcome = run_part(part, args.deadline, banked)
+        banked = max(0.0, banked + part.budget - outcome.seconds)
+        outcomes.append(outcome)
     summary = summarize(info, outcomes, started)
     (args.work / "gpu_check.json").write_text(json.dumps(summary, indent=2))
     out = os.environ.get("OUT")
