@@ -33,8 +33,14 @@ echo "== gpu check: $(date -u +%FT%TZ), $(nproc) cores, $("$PY" --version 2>&1) 
 # A venv layered on the interpreter's own packages: on a GPU image that already holds torch and its CUDA
 # libraries (and can reach no package index) they are used as they are; pip adds only what is missing.
 make_venv() {
-    "$PY" -m venv --clear --without-pip "$VENV" || return 1
-    local site
+    # Kept when it exists for the same interpreter: an install cut short by its time limit goes on where
+    # it stopped next run.
+    local base site
+    base=$("$PY" -c 'import sys; print(sys.executable)') || return 1
+    if [[ ! -x "$VPY" || "$(cat "$VENV/.gpu-check-base" 2>/dev/null)" != "$base" ]]; then
+        "$PY" -m venv --clear --without-pip "$VENV" || return 1
+        echo "$base" >"$VENV/.gpu-check-base"
+    fi
     site=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') || return 1
     "$PY" - "$site/_gpu_check_base.pth" <<'EOF'
 import sys
