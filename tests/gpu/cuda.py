@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -23,3 +26,14 @@ def gpus(count: int) -> pytest.MarkDecorator:
 def bf16_autocast() -> tuple[str, bool]:
     """What a job's `mixed_precision: auto` resolves to on this GPU: (info's dtype, grad scaler)."""
     return ("bfloat16", False) if torch.cuda.is_bf16_supported() else ("float16", True)
+
+
+@contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """`torch.backends.cudnn.benchmark` set for the block, then put back (it is process-wide)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

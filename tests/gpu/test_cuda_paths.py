@@ -5,7 +5,6 @@ cudnn.benchmark, and the Predictor on the GPU."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,14 +23,6 @@ from workers.resume import match_state_layouts
 pytestmark = cuda.REQUIRED
 
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture
-def cudnn_benchmark() -> Iterator[None]:
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    yield
-    torch.backends.cudnn.benchmark = before
 
 
 def dataset(count: int, size: int = 32, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +120,8 @@ def test_fused_optimisers_step_channels_last_parameters_like_the_reference_also_
         assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-6), key
 
 
-def test_channels_last_bf16_steps_under_cudnn_benchmark_match_plain_fp32(cudnn_benchmark: None) -> None:
+@cuda.cudnn_benchmark(True)
+def test_channels_last_bf16_steps_under_cudnn_benchmark_match_plain_fp32() -> None:
     """The job's GPU step format (channels_last, bf16 autocast, cuDNN's benchmarked kernels) computes
     what the plain fp32 step computes, to bf16's precision, and keeps its gradients channels_last."""
     torch.manual_seed(0)

@@ -5,9 +5,7 @@ host buffers and trains as well, and the job turned on cudnn.benchmark."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
-import pytest
 import torch
 from fastapi.testclient import TestClient
 
@@ -20,17 +18,8 @@ from workers.loop import serve
 pytestmark = cuda.REQUIRED
 
 
-@pytest.fixture
-def cudnn_benchmark_off() -> Iterator[None]:
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    yield
-    torch.backends.cudnn.benchmark = before
-
-
-def test_data_that_does_not_fit_trains_through_pinned_prefetch_with_cudnn_benchmark(
-    sqlite_url: str, cudnn_benchmark_off: None
-) -> None:
+@cuda.cudnn_benchmark(False)  # the job turns it on
+def test_data_that_does_not_fit_trains_through_pinned_prefetch_with_cudnn_benchmark(sqlite_url: str) -> None:
     settings = make_settings(sqlite_url, device="cuda", device_data_fraction=0.0)
     with TestClient(create_app(settings)) as client:
         dataset_id = client.post("/datasets", json={"name": "digits"}).json()["id"]
