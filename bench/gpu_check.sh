@@ -81,6 +81,7 @@ echo "== install"
 budget=$((deadline - $(date +%s) - 300))  # leave the GPU parts at least 5 minutes
 ((budget > 240)) && budget=240
 [[ -d "$WHEELS" ]] && ((budget > 75)) && budget=75
+((budget < 30)) && budget=30
 export -f install make_venv
 export PY VENV WHEELS WORK VPY
 install_started=$(date +%s)
