@@ -331,11 +331,9 @@ def summarize(info: dict[str, Any], outcomes: list[Outcome], started: float) -> 
     print("| --- | --- | ---: | --- |")
     for outcome in outcomes:
         print(f"| {outcome.part} | {outcome.status} | {outcome.seconds:.0f} | {outcome.note} |")
-    print("\n| target | measured | met |")
-    print("| --- | --- | --- |")
     for target in rows:
-        met = {True: "yes", False: "NO", None: "not measured"}[target["met"]]
-        print(f"| {target['target']} | {target['text']} | {met} |")
+        met = {True: "target met", False: "target MISSED", None: "not measured"}[target["met"]]
+        print(f"| target: {target['target']} | {met} | | {target['text']} |")
     failed = [o.part for o in outcomes if o.status in {"failed", "timed out", "not run"}]
     summary = {
         "machine": info,
