@@ -7,6 +7,7 @@ decoding and preprocessing (models.preprocessing) and the same model (models.pre
     python bench/baselines.py naive --checkpoint best.safetensors --port 8101
     python bench/baselines.py litserve --checkpoint best.safetensors --port 8102 --max-batch 8 \
         --batch-timeout 0.005 --workers 2 --threads 1 --api-servers 2
+    python bench/baselines.py litserve --accelerator cuda ...      # LitServe places each worker on the GPU
 """
 
 import argparse
@@ -37,7 +38,7 @@ def scores_of(predictor: Predictor, row: list[float]) -> dict[str, Any]:
 def run_naive(args: argparse.Namespace) -> None:
     import uvicorn
 
-    predictor = Predictor(Path(args.checkpoint).read_bytes())
+    predictor = Predictor(Path(args.checkpoint).read_bytes(), device=args.device)
     app = FastAPI()
 
     @app.get("/health")
@@ -62,9 +63,9 @@ class ClassifierAPI(LitAPI):  # type: ignore[misc, valid-type]
         super().__init__(**kwargs)
         self.checkpoint, self.threads = checkpoint, threads
 
-    def setup(self, device: str) -> None:
+    def setup(self, device: str) -> None:  # "cpu", or "cuda:N" as LitServe assigns it
         torch.set_num_threads(self.threads)
-        self.predictor = Predictor(Path(self.checkpoint).read_bytes())
+        self.predictor = Predictor(Path(self.checkpoint).read_bytes(), device=device)
 
     def decode_request(self, request: Request) -> torch.Tensor:
         data = request["file"].file.read()
@@ -92,7 +93,12 @@ def run_litserve(args: argparse.Namespace) -> None:
         args.checkpoint, args.threads, max_batch_size=args.max_batch, batch_timeout=args.batch_timeout
     )
     server = ls.LitServer(
-        api, accelerator="cpu", workers_per_device=args.workers, timeout=60, fast_queue=args.fast_queue
+        api,
+        accelerator=args.accelerator,
+        devices=1,
+        workers_per_device=args.workers,
+        timeout=60,
+        fast_queue=args.fast_queue,
     )
     server.run(
         host="127.0.0.1",
@@ -114,6 +120,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads each")
     parser.add_argument("--api-servers", type=int, default=1, help="LitServe HTTP processes")
     parser.add_argument("--fast-queue", action="store_true", help="LitServe's ZeroMQ queues")
+    parser.add_argument("--device", default="cpu", help="the naive server's device (cpu, cuda)")
+    parser.add_argument("--accelerator", default="cpu", help="LitServe's accelerator (cpu, cuda)")
     args = parser.parse_args()
     (run_naive if args.server == "naive" else run_litserve)(args)
 

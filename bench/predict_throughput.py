@@ -11,6 +11,12 @@ simple_cnn, a 224x224 JPEG for resnet18), so no server spends time resizing.
     .venv/bin/python bench/predict_throughput.py                       # everything (about 15 minutes)
     .venv/bin/python bench/predict_throughput.py --models simple_cnn --clients 1,8 --seconds 2 \
         --servers trainserve,naive                                      # a quick subset
+    .venv/bin/python bench/predict_throughput.py --device cuda --models resnet18 --clients 1,32 \
+        --servers trainserve,litserve-gpu,ceiling --ceiling-batches 1,8,32  # on a GPU
+
+With `--device cuda` every server and the ceiling run the model on the GPU (the checkpoint is still
+trained on the CPU); `litserve-gpu` is LitServe's production example for GPUs (accelerator cuda, 4
+workers, 4 API servers, batches of 8, ZeroMQ queues), and the ceiling is one pass at a time.
 """
 
 from __future__ import annotations
@@ -60,7 +66,10 @@ LITSERVE = {
     "litserve-default": ["--max-batch", "32", "--batch-timeout", "0.005"],
     "litserve-best": ["--max-batch", "8", "--batch-timeout", "0.005", "--workers", "2", "--threads", "1",
                       "--api-servers", "2"],
+    "litserve-gpu": ["--accelerator", "cuda", "--max-batch", "8", "--batch-timeout", "0.005",
+                     "--workers", "4", "--threads", "4", "--api-servers", "4", "--fast-queue"],
 }  # fmt: skip
+GPU_ONLY = {"litserve-gpu"}  # left out of the default --servers
 # trainserve as recommended for this machine (one API process per core, the kernel spreading connections
 # between them; one forward pass at a time per model and process) and with every default.
 TRAINSERVE = {
@@ -221,19 +230,26 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def ceiling(checkpoint: Path, name: str, seconds: float) -> dict[str, Any]:
+def ceiling(
+    checkpoint: Path,
+    name: str,
+    seconds: float,
+    *,
+    device: str = "cpu",
+    batches: tuple[int, ...] = (1, 4, 8, 16, 32, 64),
+) -> dict[str, Any]:
     """The model alone, no HTTP, no decode: img/s on preprocessed tensors at each batch size, in both
     memory layouts, run as one pass using every core or as one single-thread pass per core side by side
-    (what a multi-process server does). The best of them is the ceiling."""
-    predictor = Predictor(checkpoint.read_bytes(), serialize=False)
+    (what a multi-process server does; on a GPU, one pass at a time). The best of them is the ceiling."""
+    predictor = Predictor(checkpoint.read_bytes(), device=device, serialize=False)
     tensor = to_uint8(decode_image(request_image(name)), predictor.preprocessing)
     cores = len(os.sched_getaffinity(0))
     best: dict[str, Any] = {"img_per_s": 0.0}
     per_setup: dict[str, float] = {}
     for channels_last in (False, True):
         predictor.set_channels_last(channels_last)
-        for passes in sorted({1, cores}):
-            for batch in (1, 4, 8, 16, 32, 64):
+        for passes in sorted({1, cores}) if predictor.device.type == "cpu" else [1]:
+            for batch in batches:
                 rate = _parallel_rate(predictor, [tensor] * batch, passes, max(1, cores // passes), seconds)
                 setup = f"{'channels_last' if channels_last else 'contiguous'}, {passes} x batch {batch}"
                 per_setup[setup] = rate
@@ -264,12 +280,12 @@ def _parallel_rate(
     return sum(counts) / (time.perf_counter() - started)
 
 
-def server_argv(server: str, checkpoint: Path, port: int) -> list[str]:
+def server_argv(server: str, checkpoint: Path, port: int, device: str = "cpu") -> list[str]:
     if server in TRAINSERVE:
         return [sys.executable, "-m", "app.cli", "api", "--port", str(port)]
     base = [sys.executable, str(ROOT / "bench" / "baselines.py")]
     if server == "naive":
-        return [*base, "naive", "--checkpoint", str(checkpoint), "--port", str(port)]
+        return [*base, "naive", "--checkpoint", str(checkpoint), "--port", str(port), "--device", device]
     return [*base, "litserve", "--checkpoint", str(checkpoint), "--port", str(port), *LITSERVE[server]]
 
 
@@ -281,7 +297,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: simple_cnn,resnet18")
     parser.add_argument("--clients", default="1,8,32", help="concurrent clients, comma-separated")
-    parser.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated of {SERVERS}")
+    parser.add_argument(
+        "--servers",
+        default=",".join(s for s in SERVERS if s not in GPU_ONLY),
+        help=f"comma-separated of {SERVERS}",
+    )
+    parser.add_argument("--device", default="cpu", help="where every server and the ceiling run the model")
+    parser.add_argument(
+        "--ceiling-batches", default="1,4,8,16,32,64", help="batch sizes the ceiling tries, comma-separated"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each run")
     parser.add_argument(
@@ -319,7 +343,13 @@ def main() -> None:
             body_path.write_bytes(body)
             for server in servers:
                 if server == "ceiling":
-                    row = ceiling(prepared.checkpoints[name], name, seconds=min(args.seconds, 2.0))
+                    row = ceiling(
+                        prepared.checkpoints[name],
+                        name,
+                        seconds=min(args.seconds, 2.0),
+                        device=args.device,
+                        batches=tuple(int(b) for b in args.ceiling_batches.split(",") if b),
+                    )
                     results.append({"model": name, "server": server, **row})
                     print(f"{name} ceiling: {row['img_per_s']:,.0f} img/s ({row['setup']})", flush=True)
                     continue
@@ -327,14 +357,14 @@ def main() -> None:
                 env = child_env({})
                 api_key = None
                 if server in TRAINSERVE:
-                    env.update(TRAINSERVE_DATABASE_URL=prepared.database_url, TRAINSERVE_DEVICE="cpu",
+                    env.update(TRAINSERVE_DATABASE_URL=prepared.database_url, TRAINSERVE_DEVICE=args.device,
                                TRAINSERVE_LOG_LEVEL="WARNING", **TRAINSERVE[server])  # fmt: skip
                     if args.api_key:
                         env["TRAINSERVE_API_KEYS"] = api_key = args.api_key
                     for item in args.trainserve_env:
                         key, _, value = item.partition("=")
                         env[key] = value
-                argv = server_argv(server, prepared.checkpoints[name], port)
+                argv = server_argv(server, prepared.checkpoints[name], port, args.device)
                 with running(argv, env, port, body, content_type) as pid:
                     for n in clients:
                         row = load(port, pid, body_path, content_type, n, args, api_key)
@@ -385,7 +415,7 @@ def report(results: list[dict[str, Any]], models: list[str], clients: list[int])
             if row is None:
                 continue
             ratios = []
-            for server in ("naive", "litserve-default", "litserve-best"):
+            for server in ("naive", "litserve-default", "litserve-best", "litserve-gpu"):
                 other = find(model, server, n)
                 if other and other["rps"]:
                     ratios.append(f"{row['rps'] / other['rps']:.2f}x {server}")

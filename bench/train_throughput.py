@@ -21,7 +21,10 @@ and the worker's memory: its peak RSS during each job above the same process idl
 
     .venv/bin/python bench/train_throughput.py                       # 60,000 images, CPU
     .venv/bin/python bench/train_throughput.py --images 6000         # a quick look
-    .venv/bin/python bench/train_throughput.py --device cuda --model resnet18 --batch-size 256
+    .venv/bin/python bench/train_throughput.py --device cuda --model resnet18 --image-size 224 \
+        --batch-size 256
+
+On a GPU, the job's `info.data_placement` says whether the dataset stayed in GPU memory.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,10 +92,11 @@ def zip_folder(root: Path) -> bytes:
     return buffer.getvalue()
 
 
-def tutorial_loop(root: Path, *, model_name: str, batch_size: int, device: torch.device) -> float:
+def tutorial_loop(
+    root: Path, *, model_name: str, batch_size: int, device: torch.device, image_size: int | None = None
+) -> float:
     """(a) The tutorials' loop, as written in them; returns training images per second."""
-    info = get_model_info(model_name)
-    size = info.default_image_size
+    size = image_size or get_model_info(model_name).default_image_size
     transform = transforms.Compose(
         [
             transforms.Grayscale(),
@@ -158,16 +163,23 @@ def compute_ceiling(
         loss.backward()
         optimizer.step()
 
-    for start in range(0, 3 * batch_size, batch_size):  # warm-up (and compilation) is not timed
-        step(start)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for start in range(0, len(inputs), batch_size):
-        step(start)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return len(inputs) / (time.perf_counter() - started)
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as the job does on a GPU
+    try:
+        for start in range(0, 3 * batch_size, batch_size):  # warm-up (and compilation) is not timed
+            step(start)
+        if device.type == "cuda" and len(inputs) % batch_size:
+            step(len(inputs) - len(inputs) % batch_size)  # cuDNN picks the last, smaller batch's kernels
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for start in range(0, len(inputs), batch_size):
+            step(start)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return len(inputs) / (time.perf_counter() - started)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def free_port() -> int:
@@ -253,6 +265,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model", default="simple_cnn")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--image-size", type=int, help="input size of all three (default: the model's own)")
     parser.add_argument("--compile", action="store_true", help="also measure `compile: true`")
     parser.add_argument("--json", type=Path, help="write the numbers here too")
     parser.add_argument(
@@ -262,6 +275,8 @@ def main() -> None:
         "other work, 1 avoids OpenMP barriers waiting on descheduled threads",
     )
     args = parser.parse_args()
+    # SIGTERM (a timeout) unwinds like Ctrl-C, so the API and worker started below are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -321,10 +336,18 @@ def main() -> None:
             sampler = PeakRss(worker.pid)
 
             # (a) now, next to (b) in time: the machine's load drifts.
-            rate_a = tutorial_loop(folder, model_name=args.model, batch_size=args.batch_size, device=device)
+            rate_a = tutorial_loop(
+                folder,
+                model_name=args.model,
+                batch_size=args.batch_size,
+                device=device,
+                image_size=args.image_size,
+            )
             print(f"(a) tutorial loop: {rate_a:,.0f} images/s   ({load()})")
 
             spec = {"dataset_id": dataset_id, "model": args.model, "batch_size": args.batch_size, "epochs": 1}
+            if args.image_size:
+                spec["image_size"] = args.image_size
             cold = epoch_row(client, client.post("/jobs", json=spec).raise_for_status().json()["id"])
             cache = cold["job"]["info"]["data_cache"]
             print(
@@ -349,7 +372,15 @@ def main() -> None:
                 "autocast": None if precision == "off" else getattr(torch, precision),
             }
             print(f"the job's step format: {info.get('step_format') or precision}")
-            results["step_format"] = info.get("step_format")
+            print(f"the job's data: {info.get('data_placement')} on {info.get('device')}")
+            results.update(
+                step_format=info.get("step_format"),
+                device=info.get("device"),
+                image_size=info.get("image_size"),
+                data_placement=info.get("data_placement"),
+                mixed_precision=precision,
+                channels_last=info.get("channels_last"),
+            )
             rate_c1 = compute_ceiling(pixels, labels, **ceiling)
             print(f"(c) compute ceiling, before (b): {rate_c1:,.0f} images/s   ({load()})")
             cold_peak = sampler.largest_parts
