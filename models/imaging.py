@@ -9,9 +9,20 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
+
+# EXIF orientation → the transposition that makes the image upright (as ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
@@ -48,8 +59,33 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
     if image.width < 1 or image.height < 1:
         raise ImageDecodeError("image has no pixels")
-    ImageOps.exif_transpose(image, in_place=True)  # in place keeps `.format`, which a copy would lose
-    return image
+    return _upright(image)
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8), or 1 when the image has none or its EXIF block cannot be read.
+
+    EXIF is untrusted metadata that Pillow parses lazily, and a malformed block raises almost anything
+    (SyntaxError for a bad TIFF header, struct.error, ValueError for a negative offset, AttributeError,
+    TypeError...). A bad block is ignored: the image is kept as stored, never the request failed.
+    """
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # see above: any failure to parse hostile metadata means "no orientation"
+        return 1
+    return value if isinstance(value, int) and value in _UPRIGHT else 1
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. Only the pixels are turned: the EXIF block is
+    not rewritten (Pillow's exif_transpose re-serialises it, which fails on malformed blocks), and the
+    stored file keeps its original bytes anyway."""
+    method = _UPRIGHT.get(exif_orientation(image))
+    if method is None:
+        return image
+    turned = image.transpose(method)
+    turned.format = image.format  # a transposed copy has no format; callers record it
+    return turned
 
 
 def flatten_alpha(image: Image.Image) -> Image.Image:
