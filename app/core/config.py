@@ -45,6 +45,25 @@ class Settings(BaseSettings):
     max_weights_bytes: int = Field(
         default=512 * 1024 * 1024, ge=1, description="largest weights file for POST /weights"
     )
+    max_weights_expanded_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=1,
+        description="largest size of an uploaded file's tensors once each is its own contiguous copy (as "
+        "stored); checked from the shapes before anything is copied",
+    )
+    max_weights_expansion: float = Field(
+        default=4.0,
+        ge=1,
+        description="the tensors of an uploaded weights file may expand to at most this multiple of the "
+        "file's size (shared storage and views legitimately expand a little; stride-0 views by millions)",
+    )
+    max_weights_tensors: int = Field(default=100_000, ge=1, description="most tensors in one weights file")
+    max_weights_metadata_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1,
+        description="largest safetensors header or PyTorch pickle in a weights file (it alone decides how "
+        "many objects reading the file creates)",
+    )
 
     # Jobs and workers.
     worker_poll_seconds: float = Field(default=0.5, gt=0)
