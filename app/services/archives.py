@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 from typing import IO
 
 from app.core.errors import Invalid, TooLarge
-from app.services.images import SPLITS, Upload, UploadResult, validate_label
+from app.services.images import SPLITS, InvalidLabel, Upload, UploadResult, normalized_label
 
 NESTED_ARCHIVE_SUFFIXES = (
     ".zip",
@@ -207,10 +207,10 @@ def read_archive(fileobj: IO[bytes], *, limits: ArchiveLimits, result: UploadRes
             if len(parts) != 2:
                 result.reject(name, "not in the <class>/<image> or <split>/<class>/<image> layout")
                 continue
-            label = parts[0]
-            reason = validate_label(label, max_length=limits.max_label_length)
-            if reason:
-                result.reject(name, reason)
+            try:
+                label = normalized_label(parts[0], max_length=limits.max_label_length)
+            except InvalidLabel as exc:
+                result.reject(name, str(exc))
                 continue
             if info.file_size > limits.max_image_bytes:
                 result.reject(name, f"larger than the {limits.max_image_bytes}-byte image limit")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import unicodedata
 
 from PIL import Image as PILImage
 from sqlalchemy import select
@@ -21,7 +22,7 @@ def list_images(
     get_dataset(session, dataset_id)
     query = select(Image).where(Image.dataset_id == dataset_id).order_by(Image.id).limit(limit).offset(offset)
     if label is not None:
-        query = query.where(Image.label == label)
+        query = query.where(Image.label == unicodedata.normalize("NFC", label))  # as stored
     return list(session.scalars(query))
 
 
