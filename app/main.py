@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse
 
 from app.api.body_limits import BodyLimitMiddleware
 from app.api.deps import require_api_key
-from app.api.routes import datasets, events, health, images, jobs, models, predict, ui, weights
+from app.api.origins import HostOriginMiddleware
+from app.api.routes import datasets, docs, events, health, images, jobs, models, predict, ui, weights
 from app.core.config import Settings, get_settings
 from app.core.errors import DomainError
 from app.schemas.common import error_responses
@@ -61,6 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "Upload labelled images, train image classifiers in a worker, follow the curves, predict."
         ),
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load scripts from a CDN; app.api.routes.docs serves them locally
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.predictors = ModelCache(settings)
@@ -84,9 +87,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (events.router, images.router):
         app.include_router(router, dependencies=protected, responses=errors)
     ui.mount(app)
+    docs.mount(app)
 
-    # Middleware added last runs first: CORS answers preflights and decorates every response, 413s
-    # included; the body limits then check the key and the size before any route reads the body.
+    # Middleware added last runs first: the Host and Origin checks refuse what no browser page of
+    # another site may do; CORS answers preflights and decorates every response, 413s included; the
+    # body limits then check the key and the size before any route reads the body.
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     if settings.cors_allow_origins:
         app.add_middleware(
@@ -95,4 +100,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
+    app.add_middleware(HostOriginMiddleware, settings=settings)
     return app

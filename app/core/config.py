@@ -25,6 +25,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="comma-separated origins a browser may call the API from; empty: CORS off",
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated host names the API answers to (the Host header, port ignored; "
+        "`*.example.com` matches subdomains, `*` turns the check off); default: the bound address and "
+        "localhost, 127.0.0.1, ::1. Refusing other names stops DNS rebinding",
+    )
     log_level: str = "INFO"
 
     # Uploads.
@@ -63,6 +69,22 @@ class Settings(BaseSettings):
         ge=1,
         description="largest safetensors header or PyTorch pickle in a weights file (it alone decides how "
         "many objects reading the file creates)",
+    )
+
+    # Slow clients (a header or body that trickles in holds a connection and its memory).
+    header_read_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="a request's head (request line and headers) must arrive "
+        "within this time of the connection opening or the request beginning; else 408 and closed",
+    )
+    body_read_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="while a request body streams in, the longest gap between "
+        "two of its chunks; else 408 and closed",
     )
 
     # Jobs and workers.
@@ -187,12 +209,19 @@ class Settings(BaseSettings):
         default=1, ge=1, le=64, description="API server processes (each has its own model cache)"
     )
 
-    @field_validator("api_keys", "cors_allow_origins", mode="before")
+    @field_validator("api_keys", "cors_allow_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @property
+    def effective_allowed_hosts(self) -> frozenset[str]:
+        """`allowed_hosts` in lower case, or by default the bound address and the localhost names."""
+        if self.allowed_hosts:
+            return frozenset(host.lower() for host in self.allowed_hosts)
+        return frozenset({"localhost", "127.0.0.1", "::1", self.host.strip("[]").lower()})
 
     @property
     def is_sqlite(self) -> bool:
