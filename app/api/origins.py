@@ -16,6 +16,7 @@ So, in both modes:
 from __future__ import annotations
 
 import json
+
 from starlette.datastructures import URL, Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
