@@ -108,6 +108,20 @@ class Settings(BaseSettings):
     job_log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
     # Distributed (multi-process, multi-node) jobs.
+    max_job_devices: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="most processes per node a job may ask for (`devices`); default: what the live workers "
+        "report, or this machine's CPU count while no worker has reported",
+    )
+    max_job_nodes: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="most workers one job may ask for (`nodes`); default: the live workers that report they "
+        "can serve the job's `devices` (no bound while no worker has reported)",
+    )
     gang_slot_timeout_seconds: float = Field(
         default=60.0,
         gt=0,
