@@ -18,10 +18,12 @@ from app.api.body_limits import BodyLimitMiddleware
 from app.api.deps import require_api_key
 from app.api.origins import HostOriginMiddleware
 from app.api.routes import datasets, docs, events, health, images, jobs, models, predict, ui, weights
+from app.api.stream_slots import StreamSlots
 from app.core.config import Settings, get_settings
-from app.core.errors import DomainError
+from app.core.errors import Busy, DomainError
 from app.schemas.common import error_responses
 from app.services.predictions import ModelCache, configure_torch_threads
+from app.services.thumbnails import ThumbnailSlots
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.predictors = ModelCache(settings)
+    app.state.stream_slots = StreamSlots.from_settings(settings)
+    app.state.thumbnail_slots = ThumbnailSlots(
+        concurrency=settings.thumbnail_concurrency,
+        wait_seconds=settings.thumbnail_wait_seconds,
+        retry_after_seconds=settings.busy_retry_after_seconds,
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -76,7 +84,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(DomainError)
     async def domain_error(_request: Request, exc: DomainError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content={"detail": exc.message, **exc.extra})
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
+        return JSONResponse(
+            status_code=exc.status_code, content={"detail": exc.message, **exc.extra}, headers=headers
+        )
 
     protected = [Depends(require_api_key)]
     errors = error_responses(400, 401, 404, 409, 413, 422)

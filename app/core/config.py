@@ -87,6 +87,20 @@ class Settings(BaseSettings):
         "two of its chunks; else 408 and closed",
     )
 
+    thumbnail_concurrency: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="thumbnails decoded at once per API process (each costs up to "
+        "its image's decoded size while it is made)",
+    )
+    thumbnail_wait_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        le=600,
+        description="how long a thumbnail request waits for a free decoder before a 503 with Retry-After",
+    )
+
     # Jobs and workers.
     worker_poll_seconds: float = Field(default=0.5, gt=0)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
@@ -101,6 +115,15 @@ class Settings(BaseSettings):
     )
     events_keepalive_seconds: float = Field(
         default=15.0, gt=0, description="an SSE comment after this long without an event keeps proxies open"
+    )
+    events_max_streams: int = Field(
+        default=200, ge=1, description="event streams one API process keeps open in all; past it 503"
+    )
+    events_max_streams_per_client: int = Field(
+        default=20, ge=1, description="event streams one client address may hold open; past it 429"
+    )
+    busy_retry_after_seconds: int = Field(
+        default=5, ge=1, le=3600, description="the Retry-After of a 429 or 503 for a busy resource"
     )
     job_log_max_lines: int = Field(default=2000, ge=1, description="log lines kept per job (oldest dropped)")
     job_log_max_line_chars: int = Field(default=4000, ge=80, description="longer log lines are truncated")

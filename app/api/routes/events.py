@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import IdPath, SessionDep, SettingsDep
+from app.api.stream_slots import event_stream_slot
 from app.core.config import Settings
 from app.db.session import read_scope
 from app.schemas.logs import JobLogLine, JobLogsRead
@@ -40,8 +41,13 @@ def _poll(settings: Settings, stream: events.Stream) -> list[events.Event]:
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "an event stream"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "an event stream"},
+        429: {"description": "this client holds the most streams it may (Retry-After)"},
+        503: {"description": "the server holds the most streams it keeps (Retry-After)"},
+    },
     description=_EVENTS_DOC,
+    dependencies=[Depends(event_stream_slot)],
 )
 async def job_events(
     job_id: IdPath,
