@@ -7,6 +7,8 @@ them in child processes that start in a fraction of a second because they never 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
@@ -31,21 +33,11 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image we accept; the message says why, for the client."""
 
 
-def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
-    """Open, fully decode and upright an image; raise ImageDecodeError with a readable reason.
-
-    `max_pixels` is checked from the header, before any pixel is decoded, and per call: Pillow's own
-    process-wide `Image.MAX_IMAGE_PIXELS` stays as a last guard and is never changed here.
-    """
-    if not data:
-        raise ImageDecodeError("empty file")
+@contextmanager
+def _decoding(max_pixels: int | None) -> Iterator[None]:
+    """Pillow's many failures as ImageDecodeError with a readable reason."""
     try:
-        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        if max_pixels is not None and image.width * image.height > max_pixels:
-            raise ImageDecodeError(
-                f"image too large: {image.width}x{image.height} pixels is over the limit of {max_pixels}"
-            )
-        image.load()  # decodes every byte: catches truncated files that open() alone accepts
+        yield
     except Image.DecompressionBombError as exc:  # Pillow's guard fires in open() for the worst bombs
         limit = f"the limit of {max_pixels}" if max_pixels is not None else "Pillow's limit"
         raise ImageDecodeError(f"image too large: over {limit} pixels ({exc})") from None
@@ -57,6 +49,43 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
         if isinstance(exc, ImageDecodeError):
             raise
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
+
+
+def _open(data: bytes, max_pixels: int | None) -> Image.Image:
+    """The image's header, checked against `max_pixels` before any pixel is decoded (inside `_decoding`)."""
+    if not data:
+        raise ImageDecodeError("empty file")
+    image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ImageDecodeError(
+            f"image too large: {image.width}x{image.height} pixels is over the limit of {max_pixels}"
+        )
+    return image
+
+
+def decode_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
+    """Open, fully decode and upright an image; raise ImageDecodeError with a readable reason.
+
+    `max_pixels` is checked from the header, before any pixel is decoded, and per call: Pillow's own
+    process-wide `Image.MAX_IMAGE_PIXELS` stays as a last guard and is never changed here.
+    """
+    with _decoding(max_pixels):
+        image = _open(data, max_pixels)
+        image.load()  # decodes every byte: catches truncated files that open() alone accepts
+    if image.width < 1 or image.height < 1:
+        raise ImageDecodeError("image has no pixels")
+    return _upright(image)
+
+
+def decode_reduced(data: bytes, *, box: int, max_pixels: int | None = None) -> Image.Image:
+    """The image upright and shrunk to fit `box` x `box` (never enlarged), decoded as small as the
+    format allows: a JPEG at 1/2, 1/4 or 1/8 scale straight from the file (draft mode), and every
+    large image reduced by whole factors before the final resampling, so a 9400x9400 JPEG thumbnail
+    never holds the full image in memory."""
+    with _decoding(max_pixels):
+        image = _open(data, max_pixels)
+        image.thumbnail((box, box), Image.Resampling.LANCZOS, reducing_gap=2.0)  # draft, load, reduce
+        image.load()  # an image that already fits is not loaded by thumbnail(): decode it here
     if image.width < 1 or image.height < 1:
         raise ImageDecodeError("image has no pixels")
     return _upright(image)
