@@ -40,6 +40,7 @@ def _rendering() -> Iterator[None]:
     with _RENDER_LOCK, rc_context({"text.parse_math": False}):
         yield
 
+
 CSV_FIELDS: tuple[str, ...] = tuple(EpochMetricRead.model_fields)
 
 

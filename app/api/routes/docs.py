@@ -1,9 +1,10 @@
-"""The API docs (`/docs` Swagger UI, `/redoc`) from pinned local assets, never from a CDN.
+"""The API docs (`/docs`, Swagger UI) from pinned local assets, never from a CDN.
 
 FastAPI's own pages load unpinned scripts from a CDN into the origin where the dashboard keeps the API
 key: whoever serves that script could read it. Here the scripts come from the `fastapi-offline`
 package (pinned in pyproject.toml, so an upgrade is a reviewed change), Swagger UI's online validator
-is off, Redoc loads no web fonts, and a Content-Security-Policy forbids anything from elsewhere.
+is off, and a Content-Security-Policy forbids anything from elsewhere. `/redoc` is off: Redoc's page
+loads its logo from the vendor's CDN whatever it is told.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import fastapi_offline
 from fastapi import APIRouter, FastAPI
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from starlette.responses import HTMLResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
@@ -22,10 +23,10 @@ ASSETS_URL = "/docs/assets"
 FAVICON_URL = "/ui/static/favicon.svg"
 OAUTH2_REDIRECT_URL = "/docs/oauth2-redirect"
 
-# The pages carry one inline script each (FastAPI's initialisation); Redoc runs its search in a worker.
+# The page carries one inline script (FastAPI's initialisation of Swagger UI).
 CSP = (
     "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-    "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
+    "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; "
     "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
 HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"}
@@ -59,19 +60,6 @@ def swagger_ui_redirect() -> HTMLResponse:
     return _with_headers(get_swagger_ui_oauth2_redirect_html())
 
 
-@router.get("/redoc")
-def redoc() -> HTMLResponse:
-    return _with_headers(
-        get_redoc_html(
-            openapi_url="/openapi.json",
-            title="trainserve - ReDoc",
-            redoc_js_url=f"{ASSETS_URL}/redoc.standalone.js",
-            redoc_favicon_url=FAVICON_URL,
-            with_google_fonts=False,
-        )
-    )
-
-
 class _Assets(StaticFiles):
     async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)
@@ -80,6 +68,6 @@ class _Assets(StaticFiles):
 
 
 def mount(app: FastAPI) -> None:
-    """Serve the docs pages and their assets (create the app with `docs_url=None, redoc_url=None`)."""
+    """Serve the docs page and its assets (create the app with `docs_url=None, redoc_url=None`)."""
     app.include_router(router)
     app.mount(ASSETS_URL, _Assets(directory=ASSETS_DIR), name="docs-assets")
