@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from app.api.body_limits import BodyLimitMiddleware
 from app.api.deps import require_api_key
+from app.api.event_watch import JobWatcher
 from app.api.origins import HostOriginMiddleware
 from app.api.routes import datasets, docs, events, health, images, jobs, models, predict, ui, weights
 from app.api.stream_slots import StreamSlots
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("API keys required on every endpoint but /health and the docs (%d key(s))", count)
         configure_torch_threads(settings)
         yield
+        await app.state.job_watcher.close()
         app.state.predictors.close()
 
     app = FastAPI(
@@ -70,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.predictors = ModelCache(settings)
     app.state.stream_slots = StreamSlots.from_settings(settings)
+    app.state.job_watcher = JobWatcher(settings)
     app.state.thumbnail_slots = ThumbnailSlots(
         concurrency=settings.thumbnail_concurrency,
         wait_seconds=settings.thumbnail_wait_seconds,

@@ -212,3 +212,48 @@ def test_devices_beyond_this_machine_are_refused_at_submit(server: Server, tmp_p
     fits = server.client.post("/jobs", json={"dataset_id": dataset, "model": "lenet", "devices": 1})
     assert fits.status_code == 201
     server.client.post(f"/jobs/{fits.json()['id']}/cancel")
+
+
+def read_events_until_end(response: httpx.Response) -> list[str]:
+    names = []
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            names.append(line.removeprefix("event: "))
+            if names[-1] == "end":
+                break
+    return names
+
+
+def test_many_open_streams_each_see_their_job_change(server: Server) -> None:
+    """Issue 21, item 8: open streams sleep until one shared check finds their job changed; a change
+    still reaches every stream of that job, and only those."""
+    dataset = new_dataset(server, "streams")
+    for label, seed in (("a", 21), ("b", 22)):
+        files = {"files": (f"{label}.png", noise_png(seed))}
+        assert (
+            server.client.post(f"/datasets/{dataset}/images", data={"label": label}, files=files).status_code
+            == 201
+        )
+    watched, other = (
+        server.client.post("/jobs", json={"dataset_id": dataset, "model": "lenet"}).json()["id"]
+        for _ in range(2)
+    )
+    results: list[list[str]] = []
+
+    def follow() -> None:
+        with httpx.stream("GET", f"{server.client.base_url}/jobs/{watched}/events", timeout=60) as response:
+            assert response.status_code == 200
+            results.append(read_events_until_end(response))
+
+    followers = [threading.Thread(target=follow) for _ in range(12)]
+    with httpx.stream("GET", f"{server.client.base_url}/jobs/{other}/events", timeout=60) as bystander:
+        assert bystander.status_code == 200
+        for thread in followers:
+            thread.start()
+        time.sleep(2)  # every follower is connected and asleep
+        assert server.client.post(f"/jobs/{watched}/cancel").status_code == 200
+        for thread in followers:
+            thread.join(timeout=30)
+        assert results == [["status", "status", "end"]] * 12  # queued, then cancelled, then the end
+    assert server.client.get(f"/jobs/{other}").json()["status"] == "queued"
+    server.client.post(f"/jobs/{other}/cancel")
