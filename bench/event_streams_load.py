@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -213,13 +213,13 @@ def peak_rss(process: psutil.Process, stop: threading.Event, out: list[int]) -> 
         time.sleep(0.1)
 
 
-def measured(process: psutil.Process, run: object) -> tuple[dict[str, float], int]:
+def measured(process: psutil.Process, run: Callable[[], dict[str, float]]) -> tuple[dict[str, float], int]:
     samples: list[int] = []
     stop = threading.Event()
     sampler = threading.Thread(target=peak_rss, args=(process, stop, samples))
     sampler.start()
     try:
-        result = run()  # type: ignore[operator]
+        result = run()
     finally:
         stop.set()
         sampler.join()

@@ -54,12 +54,15 @@ def _timeout_response(seconds: float) -> bytes:
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with a deadline for each request head: armed when the connection
-    opens and when a new request begins on a kept-alive one, disarmed when the head is complete."""
+    opens (the protocol is made for it) and when a new request begins on a kept-alive one, disarmed
+    when the head is complete."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout = get_settings().header_read_timeout_seconds
         self._head_deadline: asyncio.TimerHandle | None = None
+        # uvicorn makes one protocol per connection, just before `connection_made`: the clock starts now.
+        self._arm()
 
     def _arm(self) -> None:
         if self._head_deadline is None:
@@ -75,10 +78,6 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(_timeout_response(self.header_timeout))
             self.transport.close()
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

@@ -135,12 +135,13 @@ def _insert_ignoring_duplicates(session: Session, rows: list[dict[str, Any]]) ->
     unique key, on SQLite and PostgreSQL alike.
     """
     dialect = session.get_bind().dialect.name
-    insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(dialect)
-    if insert is None:
+    keys = ["dataset_id", "sha256"]
+    if dialect == "sqlite":
+        stmt = sqlite.insert(Image).on_conflict_do_nothing(index_elements=keys).returning(Image.sha256)
+    elif dialect == "postgresql":
+        stmt = postgresql.insert(Image).on_conflict_do_nothing(index_elements=keys).returning(Image.sha256)
+    else:
         raise RuntimeError(f"unsupported database dialect {dialect!r}")
-    stmt = (
-        insert(Image).on_conflict_do_nothing(index_elements=["dataset_id", "sha256"]).returning(Image.sha256)
-    )
     # Read RETURNING rows, not `rowcount`: SQLAlchemy adds RETURNING to an INSERT on PostgreSQL by
     # itself, and then rowcount is -1. One statement per row keeps the answer exact.
     return {digest for row in rows for digest in session.scalars(stmt.values(**row))}

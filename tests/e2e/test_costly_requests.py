@@ -133,10 +133,10 @@ def gradient_jpeg(side: int) -> bytes:
 
 
 def peak_rss_while(process: psutil.Process, work: threading.Thread) -> int:
-    peak = process.memory_info().rss
+    peak = int(process.memory_info().rss)
     work.start()
     while work.is_alive():
-        peak = max(peak, process.memory_info().rss)
+        peak = max(peak, int(process.memory_info().rss))
         time.sleep(0.01)
     return peak
 
