@@ -69,7 +69,9 @@ def prepare(database_url: str, queued: int) -> tuple[int, list[int], bytes]:
     from workers.loop import serve
 
     upgrade_to_head(database_url)
-    settings = Settings(database_url=database_url, device="cpu", worker_poll_seconds=0.1, allowed_hosts=["*"])
+    settings = Settings(
+        database_url=database_url, device="cpu", worker_poll_seconds=0.1, allowed_hosts=["testserver"]
+    )
     samples = digits_png()
     with TestClient(create_app(settings)) as client:
         dataset = client.post("/datasets", json={"name": "digits"}).json()["id"]
