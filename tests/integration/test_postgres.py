@@ -147,7 +147,15 @@ def test_api_flow_on_postgres(pg_client: TestClient) -> None:
     again = [("files", ("y.png", noise_png(1), "image/png")), ("files", ("z.png", noise_png(7), "image/png"))]
     response = client.post(f"/datasets/{dataset_id}/images", data={"label": "dog"}, files=again)
     assert response.status_code == 201, response.text
-    assert response.json() == {"added": 0, "duplicates": 2, "rejected": [], "conflicts": []}
+    summary = response.json()
+    assert (summary["added"], summary["duplicates"], summary["rejected"]) == (0, 2, [])
+    # Stored once, under its first label; the disagreement is named (issue 21).
+    assert [
+        (c["filename"], c["label"], c["existing_filename"], c["existing_label"]) for c in summary["conflicts"]
+    ] == [
+        ("y.png", "dog", "cat-1.png", "cat"),
+        ("z.png", "dog", "x.png", "cat"),
+    ]
 
     body = client.get(f"/datasets/{dataset_id}").json()
     assert body["num_images"] == 7
