@@ -36,6 +36,7 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.api.slow_clients import HeaderTimeoutProtocol
     from app.main import create_app
 
     settings = get_settings()
@@ -44,6 +45,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         "port": args.port or settings.port,
         "log_level": settings.log_level.lower(),
         "timeout_graceful_shutdown": 5,
+        "http": HeaderTimeoutProtocol,  # a request head must arrive within header_read_timeout_seconds
     }
     if settings.api_processes > 1:
         # Each process builds its app (and model cache) from the same TRAINSERVE_* environment, so

@@ -16,11 +16,15 @@ from fastapi.responses import JSONResponse
 
 from app.api.body_limits import BodyLimitMiddleware
 from app.api.deps import require_api_key
-from app.api.routes import datasets, events, health, images, jobs, models, predict, ui, weights
+from app.api.event_watch import JobWatcher
+from app.api.origins import HostOriginMiddleware
+from app.api.routes import datasets, docs, events, health, images, jobs, models, predict, ui, weights
+from app.api.stream_slots import StreamSlots
 from app.core.config import Settings, get_settings
-from app.core.errors import DomainError
+from app.core.errors import Busy, DomainError
 from app.schemas.common import error_responses
 from app.services.predictions import ModelCache, configure_torch_threads
+from app.services.thumbnails import ThumbnailSlots
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("API keys required on every endpoint but /health and the docs (%d key(s))", count)
         configure_torch_threads(settings)
         yield
+        await app.state.job_watcher.close()
         app.state.predictors.close()
 
     app = FastAPI(
@@ -61,9 +66,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "Upload labelled images, train image classifiers in a worker, follow the curves, predict."
         ),
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load scripts from a CDN; app.api.routes.docs serves them locally
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.predictors = ModelCache(settings)
+    app.state.stream_slots = StreamSlots.from_settings(settings)
+    app.state.job_watcher = JobWatcher(settings)
+    app.state.thumbnail_slots = ThumbnailSlots(
+        concurrency=settings.thumbnail_concurrency,
+        wait_seconds=settings.thumbnail_wait_seconds,
+        retry_after_seconds=settings.busy_retry_after_seconds,
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -73,7 +87,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(DomainError)
     async def domain_error(_request: Request, exc: DomainError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content={"detail": exc.message, **exc.extra})
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
+        return JSONResponse(
+            status_code=exc.status_code, content={"detail": exc.message, **exc.extra}, headers=headers
+        )
 
     protected = [Depends(require_api_key)]
     errors = error_responses(400, 401, 404, 409, 413, 422)
@@ -84,9 +101,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (events.router, images.router):
         app.include_router(router, dependencies=protected, responses=errors)
     ui.mount(app)
+    docs.mount(app)
 
-    # Middleware added last runs first: CORS answers preflights and decorates every response, 413s
-    # included; the body limits then check the key and the size before any route reads the body.
+    # Middleware added last runs first: the Host and Origin checks refuse what no browser page of
+    # another site may do; CORS answers preflights and decorates every response, 413s included; the
+    # body limits then check the key and the size before any route reads the body.
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     if settings.cors_allow_origins:
         app.add_middleware(
@@ -95,4 +114,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
+    app.add_middleware(HostOriginMiddleware, settings=settings)
     return app

@@ -68,7 +68,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/bench.db"
         upgrade_to_head(url)
-        settings = Settings(database_url=url, device="cpu", worker_poll_seconds=0.1)
+        # In-process TestClient: its requests carry `Host: testserver`.
+        settings = Settings(
+            database_url=url, device="cpu", worker_poll_seconds=0.1, allowed_hosts=["testserver"]
+        )
         with TestClient(create_app(settings)) as client:
             dataset_id = client.post("/datasets", json={"name": "digits"}).json()["id"]
             for label in range(10):

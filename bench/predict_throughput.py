@@ -115,7 +115,8 @@ def prepare(tmp: Path, models: list[str]) -> Prepared:
 
     url = f"sqlite:///{tmp / 'bench.db'}"
     upgrade_to_head(url)
-    settings = Settings(database_url=url, device="cpu", worker_poll_seconds=0.1)
+    # In-process TestClient: its requests carry `Host: testserver`.
+    settings = Settings(database_url=url, device="cpu", worker_poll_seconds=0.1, allowed_hosts=["testserver"])
     job_ids, checkpoints = {}, {}
     with TestClient(create_app(settings)) as client:
         by_label: dict[str, list[bytes]] = {}

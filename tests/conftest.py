@@ -39,6 +39,7 @@ def make_settings(database_url: str, **overrides: object) -> Settings:
         "device": "cpu",
         "worker_poll_seconds": 0.1,
         "progress_interval_seconds": 0.2,
+        "allowed_hosts": ["testserver", "localhost", "127.0.0.1"],  # TestClient's Host is `testserver`
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

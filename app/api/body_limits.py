@@ -21,6 +21,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.slow_clients import BodyTimeout, body_chunk_timeout
 from app.core.config import Settings
 from app.core.security import OPEN_PATHS, api_key_matches
 
@@ -155,15 +156,19 @@ class BodyLimitMiddleware:
         scope[UPLOAD_LIMITS_KEY] = limit.upload
 
         received = 0
+        body_complete = False
         response_started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_complete
+            if body_complete:  # waiting for a disconnect (a stream), not for a slow body: no deadline
+                return await receive()
+            message = await body_chunk_timeout(receive, self.settings.body_read_timeout_seconds)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit.request_bytes:
                     raise BodyTooLarge(limit)
+                body_complete = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -174,9 +179,9 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge as exc:
+        except (BodyTooLarge, BodyTimeout) as exc:
             # Only when the app let it escape (a route reading the stream itself); FastAPI usually
-            # turns it into the 413 response already.
+            # turns it into the 413 (408) response already.
             if response_started:
                 raise
-            await _send_json(send, 413, exc.detail)
+            await _send_json(send, exc.status_code, exc.detail)

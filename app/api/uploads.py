@@ -36,7 +36,14 @@ class BoundedMultiPartParser(MultiPartParser):
             headers, stream, max_files=float("inf"), max_fields=max_fields, max_part_size=limits.field_bytes
         )
         self.limits = limits
-        self._file_sizes: dict[int, int] = {}  # id(part) -> bytes seen; parts live until parsing ends
+        # Bytes seen of the part being parsed, reset when the next part begins. (Keyed by `id(part)`
+        # it was wrong: finished parts are freed while parsing, so a later part could reuse an id and
+        # inherit an earlier file's count, and valid files were cut short or rejected.)
+        self._part_bytes = 0
+
+    def on_part_begin(self) -> None:
+        super().on_part_begin()
+        self._part_bytes = 0
 
     def on_headers_finished(self) -> None:
         super().on_headers_finished()
@@ -52,8 +59,8 @@ class BoundedMultiPartParser(MultiPartParser):
                 )
             super().on_part_data(data, start, end)
             return
-        seen = self._file_sizes.get(id(part), 0)
-        self._file_sizes[id(part)] = seen + (end - start)
+        seen = self._part_bytes
+        self._part_bytes = seen + (end - start)
         if seen + (end - start) <= self.limits.file_bytes:
             super().on_part_data(data, start, end)
             return

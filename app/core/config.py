@@ -25,6 +25,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="comma-separated origins a browser may call the API from; empty: CORS off",
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated host names the API answers to (the Host header, port ignored; "
+        "`*.example.com` matches subdomains, `*` turns the check off); default: the bound address and "
+        "localhost, 127.0.0.1, ::1. Refusing other names stops DNS rebinding",
+    )
     log_level: str = "INFO"
 
     # Uploads.
@@ -45,6 +51,55 @@ class Settings(BaseSettings):
     max_weights_bytes: int = Field(
         default=512 * 1024 * 1024, ge=1, description="largest weights file for POST /weights"
     )
+    max_weights_expanded_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=1,
+        description="largest size of an uploaded file's tensors once each is its own contiguous copy (as "
+        "stored); checked from the shapes before anything is copied",
+    )
+    max_weights_expansion: float = Field(
+        default=4.0,
+        ge=1,
+        description="the tensors of an uploaded weights file may expand to at most this multiple of the "
+        "file's size (shared storage and views legitimately expand a little; stride-0 views by millions)",
+    )
+    max_weights_tensors: int = Field(default=100_000, ge=1, description="most tensors in one weights file")
+    max_weights_metadata_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1,
+        description="largest safetensors header or PyTorch pickle in a weights file (it alone decides how "
+        "many objects reading the file creates)",
+    )
+
+    # Slow clients (a header or body that trickles in holds a connection and its memory).
+    header_read_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="a request's head (request line and headers) must arrive "
+        "within this time of the connection opening or the request beginning; else 408 and closed",
+    )
+    body_read_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="while a request body streams in, the longest gap between "
+        "two of its chunks; else 408 and closed",
+    )
+
+    thumbnail_concurrency: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="thumbnails decoded at once per API process (each costs up to "
+        "its image's decoded size while it is made)",
+    )
+    thumbnail_wait_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        le=600,
+        description="how long a thumbnail request waits for a free decoder before a 503 with Retry-After",
+    )
 
     # Jobs and workers.
     worker_poll_seconds: float = Field(default=0.5, gt=0)
@@ -61,12 +116,35 @@ class Settings(BaseSettings):
     events_keepalive_seconds: float = Field(
         default=15.0, gt=0, description="an SSE comment after this long without an event keeps proxies open"
     )
+    events_max_streams: int = Field(
+        default=200, ge=1, description="event streams one API process keeps open in all; past it 503"
+    )
+    events_max_streams_per_client: int = Field(
+        default=20, ge=1, description="event streams one client address may hold open; past it 429"
+    )
+    busy_retry_after_seconds: int = Field(
+        default=5, ge=1, le=3600, description="the Retry-After of a 429 or 503 for a busy resource"
+    )
     job_log_max_lines: int = Field(default=2000, ge=1, description="log lines kept per job (oldest dropped)")
     job_log_max_line_chars: int = Field(default=4000, ge=80, description="longer log lines are truncated")
     job_log_flush_seconds: float = Field(default=1.0, gt=0, description="worker log lines are batched")
     job_log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
     # Distributed (multi-process, multi-node) jobs.
+    max_job_devices: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="most processes per node a job may ask for (`devices`); default: what the live workers "
+        "report, or this machine's CPU count while no worker has reported",
+    )
+    max_job_nodes: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="most workers one job may ask for (`nodes`); default: the live workers that report they "
+        "can serve the job's `devices` (no bound while no worker has reported)",
+    )
     gang_slot_timeout_seconds: float = Field(
         default=60.0,
         gt=0,
@@ -168,12 +246,19 @@ class Settings(BaseSettings):
         default=1, ge=1, le=64, description="API server processes (each has its own model cache)"
     )
 
-    @field_validator("api_keys", "cors_allow_origins", mode="before")
+    @field_validator("api_keys", "cors_allow_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @property
+    def effective_allowed_hosts(self) -> frozenset[str]:
+        """`allowed_hosts` in lower case, or by default the bound address and the localhost names."""
+        if self.allowed_hosts:
+            return frozenset(host.lower() for host in self.allowed_hosts)
+        return frozenset({"localhost", "127.0.0.1", "::1", self.host.strip("[]").lower()})
 
     @property
     def is_sqlite(self) -> bool:

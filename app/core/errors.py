@@ -32,3 +32,13 @@ class Invalid(DomainError):
 
 class TooLarge(DomainError):
     status_code = 413
+
+
+class Busy(DomainError):
+    """A bounded resource is full; the client should retry after `retry_after` seconds."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -6,7 +6,7 @@ import hmac
 from collections.abc import Sequence
 
 # Reachable without a key even when TRAINSERVE_API_KEYS is set.
-OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -251,3 +251,19 @@ class WeightsFile(Base):
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     data: Mapped[bytes] = deferred(mapped_column(LargeBinary))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WorkerCapacity(Base):
+    """What one worker process can serve, so the API can refuse at submit a job no worker could ever
+    run. A worker writes its row when it starts and refreshes `heartbeat_at` while it runs; rows whose
+    heartbeat is older than the lease timeout are not counted. `max_devices`: processes per node it
+    can run for one job (its GPUs, or its CPU setting); `accelerator`: `cpu` or `cuda`."""
+
+    __tablename__ = "worker_capacity"
+
+    worker_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(200))
+    accelerator: Mapped[str] = mapped_column(String(16))
+    max_devices: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

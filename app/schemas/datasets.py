@@ -39,7 +39,22 @@ class RejectedFile(BaseModel):
     reason: str
 
 
+class UploadConflict(BaseModel):
+    """Bytes that were already in the dataset (or earlier in the request) under another label or split:
+    the stored image is kept as it was, and the upload is counted as a duplicate."""
+
+    filename: str
+    label: str
+    split: str | None
+    existing_filename: str
+    existing_label: str
+    existing_split: str | None
+
+
 class UploadSummary(BaseModel):
     added: int
     duplicates: int
     rejected: list[RejectedFile]
+    conflicts: list[UploadConflict] = Field(
+        default_factory=list, description="Duplicates whose label or split disagrees with the stored copy."
+    )

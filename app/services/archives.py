@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 from typing import IO
 
 from app.core.errors import Invalid, TooLarge
-from app.services.images import SPLITS, Upload, UploadResult, validate_label
+from app.services.images import SPLITS, InvalidLabel, Upload, UploadResult, normalized_label
 
 NESTED_ARCHIVE_SUFFIXES = (
     ".zip",
@@ -38,6 +38,9 @@ NESTED_ARCHIVE_SUFFIXES = (
 )
 CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")  # zipfile.structCentralDir: 46 bytes
 LOCAL_HEADER_SIZE = 30  # fixed part of a local file header, before its name and extra field
+UTF8_NAME_FLAG = 0x800  # general purpose bit 11: the name (and comment) are UTF-8
+UNICODE_PATH_EXTRA = 0x7075  # Info-ZIP Unicode Path field: a UTF-8 name for a name stored in cp437
+EXTRA_HEADER = struct.Struct("<HH")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 IGNORED_PARTS = {"__MACOSX", ".DS_Store", "Thumbs.db"}
 
@@ -48,6 +51,36 @@ class ArchiveLimits:
     max_uncompressed_bytes: int
     max_image_bytes: int
     max_label_length: int
+
+
+def raw_name(info: zipfile.ZipInfo) -> bytes:
+    """The entry's name as the archive stores it. zipfile decoded it as UTF-8 when bit 11 is set and
+    as cp437 otherwise (the zip specification's default), and both round-trip exactly; measuring the
+    UTF-8 re-encoding instead made every non-ASCII cp437 name look longer than it is."""
+    return info.orig_filename.encode("utf-8" if info.flag_bits & UTF8_NAME_FLAG else "cp437")
+
+
+def entry_name(info: zipfile.ZipInfo) -> str:
+    """The entry's name as the zip says: UTF-8 when flagged; otherwise the Info-ZIP Unicode Path
+    field when it has one for exactly this name (its CRC matches), else cp437 (older Windows tools,
+    macOS Archive Utility)."""
+    if info.flag_bits & UTF8_NAME_FLAG:
+        return info.filename
+    extra, offset = info.extra, 0
+    while offset + EXTRA_HEADER.size <= len(extra):
+        kind, size = EXTRA_HEADER.unpack_from(extra, offset)
+        body = extra[offset + EXTRA_HEADER.size : offset + EXTRA_HEADER.size + size]
+        offset += EXTRA_HEADER.size + size
+        if kind != UNICODE_PATH_EXTRA or len(body) < 5 or body[0] != 1:
+            continue
+        (crc,) = struct.unpack_from("<L", body, 1)
+        if crc != zlib.crc32(raw_name(info)):
+            continue  # the name was changed by a tool that did not update the field: not this name
+        try:
+            return body[5:].decode("utf-8").split("\x00", 1)[0]
+        except UnicodeDecodeError:
+            continue
+    return info.filename
 
 
 def _is_symlink(info: zipfile.ZipInfo) -> bool:
@@ -108,7 +141,7 @@ def _check_no_overlap(archive: zipfile.ZipFile) -> None:
     ends = [info.header_offset for info in infos[1:]] + [archive.start_dir] if infos else []
     for info, next_start in zip(infos, ends, strict=True):
         # The smallest the entry can be: fixed header, its name, its data (the extra field may add more).
-        end = info.header_offset + LOCAL_HEADER_SIZE + len(info.orig_filename.encode()) + info.compress_size
+        end = info.header_offset + LOCAL_HEADER_SIZE + len(raw_name(info)) + info.compress_size
         if end > next_start:
             raise Invalid(
                 f"archive entries overlap ({info.orig_filename!r} runs into the next entry): "
@@ -145,47 +178,48 @@ def read_archive(fileobj: IO[bytes], *, limits: ArchiveLimits, result: UploadRes
                 f"archive expands to {declared} bytes; the limit is {limits.max_uncompressed_bytes}"
             )
 
-        entries: list[tuple[zipfile.ZipInfo, tuple[str, ...]]] = []
+        entries: list[tuple[zipfile.ZipInfo, str, tuple[str, ...]]] = []
         for info in infos:
-            parts = _safe_parts(info.filename)
+            name = entry_name(info)
+            parts = _safe_parts(name)
             if parts is None:
-                result.reject(info.filename, "unsafe path (absolute or containing '..')")
+                result.reject(name, "unsafe path (absolute or containing '..')")
                 continue
             if _is_symlink(info) or any(p in IGNORED_PARTS or p.startswith(".") for p in parts):
                 continue
             if parts[-1].lower().endswith(NESTED_ARCHIVE_SUFFIXES):
-                result.reject(info.filename, "nested archive: not opened (upload it on its own)")
+                result.reject(name, "nested archive: not opened (upload it on its own)")
                 continue
-            entries.append((info, parts))
+            entries.append((info, name, parts))
         if not entries:
             reasons = "; ".join(f"{r['filename']}: {r['reason']}" for r in result.rejected[:20])
             raise Invalid(
                 "archive holds no images" + (f" ({reasons})" if reasons else ""), rejected=result.rejected
             )
 
-        strip = _common_root([parts for _, parts in entries])
+        strip = _common_root([parts for _, _, parts in entries])
         inflated = 0
-        for info, full_parts in entries:
+        for info, name, full_parts in entries:
             parts = full_parts[strip:]
             split: str | None = None
             if len(parts) == 3 and parts[0].lower() in SPLIT_ALIASES:
                 split, parts = SPLIT_ALIASES[parts[0].lower()], parts[1:]
             if len(parts) != 2:
-                result.reject(info.filename, "not in the <class>/<image> or <split>/<class>/<image> layout")
+                result.reject(name, "not in the <class>/<image> or <split>/<class>/<image> layout")
                 continue
-            label = parts[0]
-            reason = validate_label(label, max_length=limits.max_label_length)
-            if reason:
-                result.reject(info.filename, reason)
+            try:
+                label = normalized_label(parts[0], max_length=limits.max_label_length)
+            except InvalidLabel as exc:
+                result.reject(name, str(exc))
                 continue
             if info.file_size > limits.max_image_bytes:
-                result.reject(info.filename, f"larger than the {limits.max_image_bytes}-byte image limit")
+                result.reject(name, f"larger than the {limits.max_image_bytes}-byte image limit")
                 continue
             try:
                 with archive.open(info) as member:
                     data = member.read(limits.max_image_bytes + 1)  # bounded even if the header lies
             except (zipfile.BadZipFile, zlib.error, OSError, RuntimeError, NotImplementedError) as exc:
-                result.reject(info.filename, f"cannot be extracted: {exc}")
+                result.reject(name, f"cannot be extracted: {exc}")
                 continue
             inflated += len(data)
             if inflated > limits.max_uncompressed_bytes:  # what was really inflated, whatever was declared
@@ -194,7 +228,7 @@ def read_archive(fileobj: IO[bytes], *, limits: ArchiveLimits, result: UploadRes
                     f"the limit is {limits.max_uncompressed_bytes}"
                 )
             if len(data) > limits.max_image_bytes:
-                result.reject(info.filename, f"larger than the {limits.max_image_bytes}-byte image limit")
+                result.reject(name, f"larger than the {limits.max_image_bytes}-byte image limit")
                 continue
             assert split is None or split in SPLITS
-            yield Upload(filename=info.filename, label=label, data=data, split=split)
+            yield Upload(filename=name, label=label, data=data, split=split)

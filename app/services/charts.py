@@ -11,8 +11,10 @@ import csv
 import io
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
+from matplotlib import rc_context
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -29,6 +31,15 @@ LOG_LR_RATIO = 10.0
 
 _DPI = 100
 _RENDER_LOCK = threading.Lock()
+
+
+@contextmanager
+def _rendering() -> Iterator[None]:
+    """One chart at a time, with every string drawn as plain text: class names and titles come from
+    clients, and matplotlib would parse `$...$` in them as mathtext (`$^^$` was a 500)."""
+    with _RENDER_LOCK, rc_context({"text.parse_math": False}):
+        yield
+
 
 CSV_FIELDS: tuple[str, ...] = tuple(EpochMetricRead.model_fields)
 
@@ -50,7 +61,7 @@ def metrics_png(rows: Sequence[EpochMetricRead], *, title: str, best_epoch: int 
     Missing values (None, or not finite) leave gaps; a series with no value at all is left out.
     `best_epoch`, when given, is marked with a dotted vertical line. Zero rows give a placeholder image.
     """
-    with _RENDER_LOCK:
+    with _rendering():
         if not rows:
             figure = Figure(figsize=(10, 4), dpi=_DPI, layout="constrained")
             figure.suptitle(title)
@@ -114,7 +125,7 @@ def confusion_png(classes: Sequence[str], matrix: Sequence[Sequence[int]], *, ti
         )
     if len(classes) != n:  # names missing or stale: number the classes instead of failing
         classes = [str(i) for i in range(n)]
-    with _RENDER_LOCK:
+    with _rendering():
         annotated = n <= MAX_ANNOTATED_CLASSES
         side = min(16.0, max(5.0, 2.5 + (0.4 if annotated else 0.22) * n))  # inches
         figure = Figure(figsize=(side + 1.2, side), dpi=_DPI, layout="constrained")

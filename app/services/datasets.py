@@ -13,7 +13,7 @@ from app.core.errors import Invalid, NotFound
 from app.db.tables import Dataset, Image
 from app.schemas.datasets import ClassCount, DatasetCreate, DatasetRead
 from app.services.archives import ArchiveLimits, read_archive
-from app.services.images import Upload, UploadResult, add_uploads, validate_label
+from app.services.images import InvalidLabel, Upload, UploadResult, add_uploads, normalized_label
 
 
 def create_dataset(session: Session, *, dataset_create: DatasetCreate) -> DatasetRead:
@@ -69,9 +69,10 @@ def add_labelled_files(
 ) -> UploadResult:
     """Add uploaded files under one label; `None` bytes mean the file was over the size limit."""
     get_dataset(session, dataset_id)
-    reason = validate_label(label, max_length=settings.max_label_length)
-    if reason:
-        raise Invalid(f"label: {reason}")
+    try:
+        label = normalized_label(label, max_length=settings.max_label_length)
+    except InvalidLabel as exc:
+        raise Invalid(f"label: {exc}") from None
     result = UploadResult()
     uploads: list[Upload] = []
     for filename, data in files:

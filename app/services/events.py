@@ -19,11 +19,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core.errors import Invalid
-from app.db.tables import FINISHED_STATUSES, EpochMetric, Evaluation
+from app.db.tables import FINISHED_STATUSES, EpochMetric, Evaluation, JobLog, TrainingJob
 from app.schemas.jobs import EpochMetricRead
 from app.services import joblogs
 from app.services.jobs import get_job, job_evaluation, job_read
@@ -135,3 +135,40 @@ def poll(session: Session, stream: Stream, *, log_limit: int = 1000) -> list[Eve
         stream.finished = True
         emit("end", {"status": job.status.value, "stop_reason": job.stop_reason, "error": job.error})
     return events
+
+
+def fingerprints(session: Session, job_ids: list[int]) -> dict[int, str]:
+    """For each job, a string that changes whenever `poll` could find something new: the job as read,
+    its newest epoch row and log line, and whether it has an evaluation. Four queries for any number
+    of jobs, so one check serves every open stream (a job that is gone has no entry)."""
+    jobs = session.scalars(select(TrainingJob).where(TrainingJob.id.in_(job_ids))).all()
+    epochs: dict[int, int] = {
+        job_id: epoch
+        for job_id, epoch in session.execute(
+            select(EpochMetric.job_id, func.max(EpochMetric.epoch))
+            .where(EpochMetric.job_id.in_(job_ids))
+            .group_by(EpochMetric.job_id)
+        )
+    }
+    logs: dict[int, int] = {
+        job_id: line
+        for job_id, line in session.execute(
+            select(JobLog.job_id, func.max(JobLog.id))
+            .where(JobLog.job_id.in_(job_ids))
+            .group_by(JobLog.job_id)
+        )
+    }
+    evaluated = set(session.scalars(select(Evaluation.job_id).where(Evaluation.job_id.in_(job_ids))))
+    return {
+        job.id: json.dumps(
+            [
+                job_read(job).model_dump(mode="json"),
+                epochs.get(job.id),
+                logs.get(job.id),
+                job.id in evaluated,
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        for job in jobs
+    }

@@ -58,11 +58,12 @@ def job_read(job: TrainingJob) -> JobRead:
 def create_job(
     session: Session, *, spec: JobSpec, idempotency_key: str | None = None
 ) -> tuple[TrainingJob, bool]:
-    """Queue a job; returns (job, created). A repeated Idempotency-Key returns the first job."""
+    """Queue a job; returns (job, created). A repeated Idempotency-Key returns the first job; the same
+    key with a different spec is a 422 (a retry that is not one)."""
     if idempotency_key:
         existing = session.scalar(select(TrainingJob).where(TrainingJob.idempotency_key == idempotency_key))
         if existing is not None:
-            return existing, False
+            return _same_spec(existing, spec), False
     get_dataset(session, spec.dataset_id)
     _check_initialisation(session, spec)
     counts = class_counts(session, spec.dataset_id)
@@ -90,8 +91,18 @@ def create_job(
         existing = session.scalar(select(TrainingJob).where(TrainingJob.idempotency_key == idempotency_key))
         if existing is None:
             raise
-        return existing, False
+        return _same_spec(existing, spec), False
     return job, True
+
+
+def _same_spec(existing: TrainingJob, spec: JobSpec) -> TrainingJob:
+    """The job an Idempotency-Key already made, when this request asks for the same job."""
+    if existing.spec != spec.model_dump(mode="json"):
+        raise Invalid(
+            f"Idempotency-Key was already used for job {existing.id} with a different spec; "
+            "a retry must send the same spec (use a new key for a new job)"
+        )
+    return existing
 
 
 def _check_initialisation(session: Session, spec: JobSpec) -> None:

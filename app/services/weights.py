@@ -7,19 +7,38 @@ import hashlib
 from sqlalchemy import select
 from sqlalchemy.orm import Session, undefer
 
-from app.core.errors import Invalid, NotFound
+from app.core.config import Settings
+from app.core.errors import Invalid, NotFound, TooLarge
 from app.db.tables import WeightsFile
 from app.services.images import stored_name
-from models.weights_file import WeightsFileError, parse_weights, to_safetensors
+from models.weights_file import (
+    WeightsFileError,
+    WeightsLimits,
+    WeightsTooLarge,
+    parse_weights,
+    to_safetensors,
+)
 
 
-def create_weights(session: Session, *, filename: str, data: bytes) -> WeightsFile:
-    """Validate and store a weight file; a file that is not plain tensors is a 422 saying why."""
+def weights_limits(settings: Settings) -> WeightsLimits:
+    return WeightsLimits(
+        expanded_bytes=settings.max_weights_expanded_bytes,
+        expansion=settings.max_weights_expansion,
+        tensors=settings.max_weights_tensors,
+        metadata_bytes=settings.max_weights_metadata_bytes,
+    )
+
+
+def create_weights(session: Session, *, filename: str, data: bytes, settings: Settings) -> WeightsFile:
+    """Validate and store a weight file; a file that is not plain tensors is a 422 saying why, one
+    that would expand past the limits a 413 naming the limit (checked before anything is copied)."""
     try:
-        parsed = parse_weights(data)
+        parsed = parse_weights(data, weights_limits(settings))
         architecture = parsed.meta.get("architecture")
         meta = {**parsed.meta, "source_format": parsed.source_format}
         stored = to_safetensors(parsed, meta)
+    except WeightsTooLarge as exc:
+        raise TooLarge(f"file: {exc}") from None
     except WeightsFileError as exc:
         raise Invalid(f"file: {exc}") from None
     row = WeightsFile(

@@ -196,3 +196,21 @@ def test_dashboard_upload_train_watch_predict(page: Any, server: httpx.Client, s
         f"\nbrowser test: {time.perf_counter() - started:.1f} s; live screenshot at {live_points} epoch(s), "
         f"job then {status_then}; screenshots in {shots}"
     )
+
+
+def test_api_docs_load_nothing_from_elsewhere(page: Any, server: httpx.Client, shots: Path) -> None:
+    """Issue 21, item 6: /docs renders from this server's own pinned assets (FastAPI's page loaded
+    unpinned scripts from a CDN into the origin where the dashboard keeps the API key); /redoc is off."""
+    base = str(server.base_url).rstrip("/")
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(f"{base}/docs")
+    page.wait_for_selector(".swagger-ui .info .title")
+    assert "trainserve" in page.inner_text(".swagger-ui .info .title")
+    page.wait_for_selector(".opblock-summary-path >> text=/predict")
+    page.screenshot(path=str(shots / "docs-swagger.png"))
+    assert page.errors == [], page.errors  # a blocked outside load would show here too (CSP)
+    elsewhere = [url for url in requested if not url.startswith((base + "/", "data:", "blob:"))]
+    assert elsewhere == [], elsewhere
+    assert any(url.endswith("/docs/assets/swagger-ui-bundle.js") for url in requested)
+    assert page.goto(f"{base}/redoc").status == 404

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -43,6 +44,16 @@ LIMITS = {
     "TRAINSERVE_MAX_ARCHIVE_UNCOMPRESSED_BYTES": "2000000",
     "TRAINSERVE_MAX_WEIGHTS_BYTES": "200000",
     "TRAINSERVE_MAX_IMAGE_PIXELS": "4000000",
+    "TRAINSERVE_MAX_WEIGHTS_EXPANDED_BYTES": "400000",
+    "TRAINSERVE_MAX_WEIGHTS_TENSORS": "1000",
+    "TRAINSERVE_MAX_WEIGHTS_METADATA_BYTES": "100000",
+    "TRAINSERVE_PREDICT_MAX_FILES": "5",
+    "TRAINSERVE_MAX_JOB_DEVICES": "4",
+    "TRAINSERVE_MAX_JOB_NODES": "2",
+    "TRAINSERVE_EVENTS_MAX_STREAMS": "3",
+    "TRAINSERVE_EVENTS_MAX_STREAMS_PER_CLIENT": "2",
+    "TRAINSERVE_HEADER_READ_TIMEOUT_SECONDS": "3",
+    "TRAINSERVE_BODY_READ_TIMEOUT_SECONDS": "3",
 }
 PAYLOAD_MARKER_NAME = "payload-ran"
 
@@ -208,6 +219,66 @@ def eps_bytes() -> bytes:
     return encode(Image.new("RGB", (8, 8), "red"), "EPS")
 
 
+def torch_file(obj: object, *, legacy: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, _use_new_zipfile_serialization=not legacy)
+    return buffer.getvalue()
+
+
+def deflated_torch_file(obj: object) -> bytes:
+    """A torch.save zip re-packed with deflate: torch.load inflates it (a zip bomb of tensors)."""
+    source = zipfile.ZipFile(io.BytesIO(torch_file(obj)))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+    return buffer.getvalue()
+
+
+def safetensors_file(header: dict[str, Any], data: bytes) -> bytes:
+    raw_header = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw_header)) + raw_header + data
+
+
+def dtype_file(dtype: str, shape: list[int], nbytes: int) -> bytes:
+    return safetensors_file(
+        {"w": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}, bytes(nbytes)
+    )
+
+
+def many_tensors_safetensors(count: int) -> bytes:
+    header = {f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i in range(count)}
+    return safetensors_file(header, bytes(count))
+
+
+def exif_image(fmt: str, seed: int) -> bytes:
+    """A valid image carrying an EXIF block Pillow cannot parse (bad TIFF header, or a bad IFD)."""
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    if fmt == "JPEG":
+        # orientation 6 plus a GPS IFD pointer at a negative offset: Pillow raised ValueError
+        exif = bytes.fromhex(
+            "4578696600004d4d002a0000000800020112000300000001000600008825000800000002800000000000000000000000"
+        )
+        return encode(image, "JPEG", exif=exif, quality=95)
+    return encode(image, fmt, exif=b"MM\x00\xd7\x00\x00\x00\x08")
+
+
+def cp437_zip(entries: list[tuple[bytes, bytes]]) -> bytes:
+    """A zip whose names are raw cp437 bytes without the UTF-8 flag (older Windows tools, macOS
+    Archive Utility): written under same-length ASCII stand-ins, whose bytes are then swapped in."""
+    stand_ins = [
+        (f"{chr(65 + i) * (len(name) - 4)}.png".encode(), name) for i, (name, _) in enumerate(entries)
+    ]
+    data = zip_entries(
+        [(stand_in.decode(), content) for (stand_in, _), (_, content) in zip(stand_ins, entries, strict=True)]
+    )
+    for stand_in, name in stand_ins:
+        assert data.count(stand_in) == 2  # its local and central headers
+        data = data.replace(stand_in, name)
+    return data
+
+
 # ------------------------------------------------------------------------------------------ attacks
 
 Attack = Callable[[Server], Answer]
@@ -230,7 +301,11 @@ def unauthorised(method: str, path: str, headers: dict[str, str] | None = None, 
 
 
 def raw(head: str, body: bytes = b"") -> Attack:
-    return lambda s: raw_answer(raw_http(s.port, head.format(port=s.port, key=KEY), body))
+    def run(s: Server) -> Answer:
+        head_text = head.format(host=f"127.0.0.1:{s.port}", port=s.port, key=KEY)
+        return raw_answer(raw_http(s.port, head_text, body))
+
+    return run
 
 
 def chunked(path: str, size: int, content_type: str, first: bytes = b"") -> Attack:
@@ -268,6 +343,12 @@ def job(**spec: Any) -> Attack:
     return post("/jobs", json={"dataset_id": 1, "model": "lenet", **spec})
 
 
+def from_origin(origin: str | None, method: str, path: str, **kw: Any) -> Attack:
+    """What a page on another site can make a browser send: a simple request with its Origin."""
+    headers = {"Origin": origin} if origin is not None else {"Sec-Fetch-Site": "cross-site"}
+    return lambda s: answer_of(s.client.request(method, path, headers=headers, **kw))
+
+
 def raw_multipart(path: str, parts: list[tuple[bytes, bytes]]) -> Attack:
     content_type, body = multipart(parts)
     return post(path, content=body, headers={"Content-Type": content_type})
@@ -284,8 +365,9 @@ def timed(attack: Attack, seconds: float) -> Attack:
 
 
 PNG = noise_png(100)
+VIEWS_BASE = torch.zeros(1001)  # 1001 views of one storage: one storage entry, 1001 tensors
 BIG = b"\x89PNG" + bytes(100_001)
-BEARER_UPLOAD = "POST /datasets/1/images HTTP/1.1\nHost: x\nAuthorization: Bearer {key}\n"
+BEARER_UPLOAD = "POST /datasets/1/images HTTP/1.1\nHost: {host}\nAuthorization: Bearer {key}\n"
 CASES: list[tuple[str, Attack, int, str]] = [
     # ---- access
     ("no Authorization header", unauthorised("GET", "/datasets"), 401, "missing API key"),
@@ -317,7 +399,7 @@ CASES: list[tuple[str, Attack, int, str]] = [
     (
         "50 MB upload without a key: 401 before the body is sent",
         raw(
-            "POST /datasets/1/images HTTP/1.1\nHost: x\nContent-Type: multipart/form-data; boundary=b\n"
+            "POST /datasets/1/images HTTP/1.1\nHost: {host}\nContent-Type: multipart/form-data; boundary=b\n"
             "Content-Length: 50000000\n"
         ),
         401,
@@ -384,7 +466,7 @@ CASES: list[tuple[str, Attack, int, str]] = [
         "predict image over the image limit",
         post("/predict", data={"job_id": "1"}, files={"file": ("a.png", BIG)}),
         413,
-        "100000-byte image limit",
+        "larger than the 100000-byte limit",
     ),
     (
         "1001 form fields",
@@ -564,23 +646,25 @@ CASES: list[tuple[str, Attack, int, str]] = [
     ("id 1.5", get("/jobs/1.5"), 422, ""),
     (
         "encoded traversal in an id",
-        raw("GET /datasets/..%2f..%2fetc%2fpasswd HTTP/1.1\nHost: x\nAuthorization: Bearer {key}\n"),
+        raw("GET /datasets/..%2f..%2fetc%2fpasswd HTTP/1.1\nHost: {host}\nAuthorization: Bearer {key}\n"),
         404,
         "",
     ),
     (
         "raw ../ traversal",
-        raw("GET /jobs/1/../../../etc/passwd HTTP/1.1\nHost: x\nAuthorization: Bearer {key}\n"),
+        raw("GET /jobs/1/../../../etc/passwd HTTP/1.1\nHost: {host}\nAuthorization: Bearer {key}\n"),
         404,
         "",
     ),
     (
         "traversal under /weights",
-        raw("GET /weights/..%2F..%2Fvar%2Ftrainserve.db HTTP/1.1\nHost: x\nAuthorization: Bearer {key}\n"),
+        raw(
+            "GET /weights/..%2F..%2Fvar%2Ftrainserve.db HTTP/1.1\nHost: {host}\nAuthorization: Bearer {key}\n"
+        ),
         404,
         "",
     ),
-    ("traversal under /docs", raw("GET /docs/../../etc/passwd HTTP/1.1\nHost: x\n"), 404, ""),
+    ("traversal under /docs", raw("GET /docs/../../etc/passwd HTTP/1.1\nHost: {host}\n"), 404, ""),
     ("DELETE a dataset (no such method)", lambda s: answer_of(s.client.delete("/datasets/1")), 405, ""),
     # ---- archives
     (
@@ -647,6 +731,149 @@ CASES: list[tuple[str, Attack, int, str]] = [
     ),
     ("PNG as weights", weights(PNG), 422, "file:"),
     ("empty weights file", weights(b""), 422, "empty"),
+    # ---- second round (issue 21): what the first battery missed
+    (
+        "1.5 KB .pt holding a stride-0 view of 16M floats (64 MB expanded)",
+        weights(torch_file({"w": torch.zeros(1).expand(16_000_000)})),
+        413,
+        "the limit is 400000 (TRAINSERVE_MAX_WEIGHTS_EXPANDED_BYTES)",
+    ),
+    (
+        "legacy-format .pt with a stride-0 view",
+        weights(torch_file({"w": torch.zeros(1).expand(16_000_000)}, legacy=True)),
+        413,
+        "TRAINSERVE_MAX_WEIGHTS_EXPANDED_BYTES",
+    ),
+    (
+        "stride-0 view expanding 100x under the byte limit",
+        weights(torch_file({"w": torch.zeros(1).expand(75_000)})),
+        413,
+        "TRAINSERVE_MAX_WEIGHTS_EXPANSION",
+    ),
+    (
+        "deflated .pt zip: 50 KB inflating to 50 MB of storage",
+        weights(deflated_torch_file({"w": torch.zeros(50_000_000, dtype=torch.uint8)})),
+        413,
+        "TRAINSERVE_MAX_WEIGHTS_EXPANDED_BYTES",
+    ),
+    (
+        "1001 tensors in a safetensors file",
+        weights(many_tensors_safetensors(1001), "w.safetensors"),
+        413,
+        "the limit is 1000 (TRAINSERVE_MAX_WEIGHTS_TENSORS)",
+    ),
+    (
+        "1001 tensors in a .pt file",
+        weights(torch_file({f"t{i}": VIEWS_BASE[i : i + 1] for i in range(1001)})),
+        413,
+        "TRAINSERVE_MAX_WEIGHTS_TENSORS",
+    ),
+    (
+        "110 KB safetensors header",
+        weights(
+            safetensors_file(
+                {
+                    "__metadata__": {"pad": "x" * 110_000},
+                    "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                },
+                bytes(4),
+            ),
+            "w.safetensors",
+        ),
+        413,
+        "the limit is 100000 (TRAINSERVE_MAX_WEIGHTS_METADATA_BYTES)",
+    ),
+    *[
+        (
+            f"safetensors dtype {dtype}",
+            weights(dtype_file(dtype, [4], nbytes), "w.safetensors"),
+            422,
+            f"'{dtype}'",
+        )
+        for dtype, nbytes in [("F4", 2), ("F6_E2M3", 3), ("F6_E3M2", 3), ("F8_E8M0", 4)]
+    ],
+    (
+        "label with a right-to-left override",
+        images([("a.png", PNG)], label="cat\u202egnp.exe"),
+        422,
+        "U+202E",
+    ),
+    ("label with a zero-width space", images([("a.png", PNG)], label="ca\u200bt"), 422, "U+200B"),
+    ("label with a byte-order mark", images([("a.png", PNG)], label="\ufeffcat"), 422, "U+FEFF"),
+    ("label with a bell character", images([("a.png", PNG)], label="c\x07at"), 422, "control character"),
+    (
+        "6 files to /predict/batch (limit 5): refused as the 6th begins",
+        post(
+            "/predict/batch",
+            data={"job_id": "1"},
+            files=[("files", (f"{i}.png", noise_png(300 + i))) for i in range(6)],
+        ),
+        413,
+        "too many files in one request; the limit is 5",
+    ),
+    (
+        "1000 files to /predict/batch",
+        timed(
+            post(
+                "/predict/batch",
+                data={"job_id": "1"},
+                files=[("files", (f"{i}.png", b"x")) for i in range(1000)],
+            ),
+            10,
+        ),
+        413,
+        "the limit is 5",
+    ),
+    ("devices past TRAINSERVE_MAX_JOB_DEVICES", job(devices=5), 422, "TRAINSERVE_MAX_JOB_DEVICES"),
+    ("nodes past TRAINSERVE_MAX_JOB_NODES", job(nodes=3), 422, "TRAINSERVE_MAX_JOB_NODES"),
+    (
+        "Host of another name (DNS rebinding)",
+        raw("GET /datasets HTTP/1.1\nHost: attacker.example:{port}\nAuthorization: Bearer {key}\n"),
+        400,
+        "TRAINSERVE_ALLOWED_HOSTS",
+    ),
+    (
+        "no Host header",
+        raw("GET /health HTTP/1.0\nAuthorization: Bearer {key}\n"),
+        400,
+        "TRAINSERVE_ALLOWED_HOSTS",
+    ),
+    (
+        "cancel a job from another origin",
+        from_origin("https://evil.example", "POST", "/jobs/1/cancel"),
+        403,
+        "cross-origin POST from 'https://evil.example' refused",
+    ),
+    (
+        "upload from another origin",
+        from_origin(
+            "http://attacker.example:8000",
+            "POST",
+            "/datasets/1/images",
+            data={"label": "cat"},
+            files={"files": ("a.png", noise_png(77))},
+        ),
+        403,
+        "cross-origin POST",
+    ),
+    (
+        "cancel from a sandboxed page (Origin: null)",
+        from_origin("null", "POST", "/jobs/1/cancel"),
+        403,
+        "'null'",
+    ),
+    (
+        "cancel marked cross-site, no Origin",
+        from_origin(None, "POST", "/jobs/1/cancel"),
+        403,
+        "another site",
+    ),
+    (
+        "create a dataset from a look-alike origin",
+        from_origin("http://127.0.0.1.evil.example", "POST", "/datasets", json={"name": "x"}),
+        403,
+        "cross-origin",
+    ),
 ]
 
 
@@ -689,3 +916,315 @@ def test_archive_is_never_extracted_to_disk(server: Server, tmp_path: Path) -> N
     # where the entry names point from the server's working directory (the test's) and its data folder
     places = {Path.cwd(), *Path.cwd().parents, server.folder, *server.folder.parents}
     assert not [path for place in places for path in place.glob("escaped*.png")]
+
+
+# ------------------------------------------------------------------- second round (issue 21): accepted
+
+
+def new_dataset(server: Server, name: str) -> int:
+    response = server.client.post("/datasets", json={"name": name})
+    assert response.status_code == 201, response.text
+    return int(response.json()["id"])
+
+
+def stored_images(server: Server, dataset_id: int) -> dict[str, tuple[str, str | None, bytes]]:
+    """filename -> (label, split, bytes) of a dataset, read from the database itself."""
+    engine = create_engine(server.database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text("SELECT filename, label, split, data FROM image WHERE dataset_id = :d"),
+                {"d": dataset_id},
+            )
+            return {filename: (label, split, bytes(data)) for filename, label, split, data in rows}
+    finally:
+        engine.dispose()
+
+
+def raw_png(seed: int, side: int) -> bytes:
+    """An uncompressed PNG of noise: its size is about side * side * 3 bytes, and it decodes."""
+    array = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return encode(Image.fromarray(array), "PNG", compress_level=0)
+
+
+def test_many_large_files_in_one_request_are_stored_byte_for_byte(server: Server) -> None:
+    """Item 1: each file spans several network chunks, so finished parts are freed while later ones
+    are parsed; every file must keep its own byte count (one over the limit sits in the middle)."""
+    dataset = new_dataset(server, "many-large")
+    files = [(f"{i}.png", raw_png(1000 + i, 180)) for i in range(8)]  # 97,470 bytes each; limit 100,000
+    assert all(90_000 < len(data) <= 100_000 for _, data in files)
+    oversize = ("over.png", raw_png(2000, 183))  # 100,755 bytes: just over
+    sent = [*files[:4], oversize, *files[4:]]
+    response = server.client.post(
+        f"/datasets/{dataset}/images", data={"label": "big"}, files=[("files", f) for f in sent]
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["added"] == 8 and body["duplicates"] == 0, body
+    assert body["rejected"] == [{"filename": "over.png", "reason": "larger than the 100000-byte image limit"}]
+    stored = stored_images(server, dataset)
+    assert {name: data for name, (_, _, data) in stored.items()} == dict(files)
+
+
+def test_malformed_exif_is_ignored_and_the_good_files_kept(server: Server) -> None:
+    """Item 2: PNG, WebP and JPEG with EXIF blocks Pillow cannot parse, next to good files, on
+    /images and /archive: all stored as they are, no 500."""
+    bad = [
+        ("exif.png", exif_image("PNG", 1)),
+        ("exif.webp", exif_image("WEBP", 2)),
+        ("exif.jpg", exif_image("JPEG", 3)),
+    ]
+    good = [("good-1.png", noise_png(901)), ("good-2.png", noise_png(902))]
+    dataset = new_dataset(server, "exif")
+    response = server.client.post(
+        f"/datasets/{dataset}/images", data={"label": "x"}, files=[("files", f) for f in [*bad, *good]]
+    )
+    assert response.status_code == 201, response.text
+    assert (response.json()["added"], response.json()["rejected"]) == (5, [])
+    assert {name: data for name, (_, _, data) in stored_images(server, dataset).items()} == dict(
+        [*bad, *good]
+    )
+
+    dataset = new_dataset(server, "exif-zip")
+    zipped = zip_bytes([(f"y/{name}", data) for name, data in [*bad, *good]])
+    response = server.client.post(f"/datasets/{dataset}/archive", files={"file": ("e.zip", zipped)})
+    assert response.status_code == 201, response.text
+    assert (response.json()["added"], response.json()["rejected"]) == (5, [])
+
+
+def test_zip_with_cp437_names_is_accepted_with_its_names_decoded(server: Server) -> None:
+    """Item 4: names not flagged UTF-8 are cp437 (`café` is b'caf\\x82'); they were refused as a zip
+    bomb because the overlap check measured their UTF-8 re-encoding."""
+    dataset = new_dataset(server, "cp437")
+    data = cp437_zip([(b"caf\x82/0.png", noise_png(911)), (b"na\x8bve/1.png", noise_png(912))])
+    response = server.client.post(f"/datasets/{dataset}/archive", files={"file": ("old.zip", data)})
+    assert response.status_code == 201, response.text
+    assert response.json()["added"] == 2
+    stored = stored_images(server, dataset)
+    assert {name: label for name, (label, _, _) in stored.items()} == {
+        "café/0.png": "café",
+        "naïve/1.png": "naïve",
+    }
+
+
+def test_conflicting_labels_and_splits_are_reported_by_name(server: Server) -> None:
+    """Item 10: the same bytes under a second label, or in both train/ and test/ of a zip, are named as
+    conflicts (the stored copy is kept), not silently counted as duplicates."""
+    dataset = new_dataset(server, "conflicts")
+    png = noise_png(921)
+    first = server.client.post(
+        f"/datasets/{dataset}/images", data={"label": "cat"}, files={"files": ("a.png", png)}
+    )
+    assert first.status_code == 201 and first.json()["conflicts"] == []
+    second = server.client.post(
+        f"/datasets/{dataset}/images", data={"label": "dog"}, files={"files": ("b.png", png)}
+    )
+    assert second.status_code == 201, second.text
+    assert second.json()["duplicates"] == 1
+    assert second.json()["conflicts"] == [
+        {
+            "filename": "b.png",
+            "label": "dog",
+            "split": None,
+            "existing_filename": "a.png",
+            "existing_label": "cat",
+            "existing_split": None,
+        }
+    ]
+    other = new_dataset(server, "conflicts-zip")
+    zipped = zip_bytes(
+        [("train/cat/x.png", png), ("test/cat/x.png", png), ("train/dog/y.png", noise_png(922))]
+    )
+    response = server.client.post(f"/datasets/{other}/archive", files={"file": ("s.zip", zipped)})
+    assert response.status_code == 201, response.text
+    assert response.json()["conflicts"] == [
+        {
+            "filename": "test/cat/x.png",
+            "label": "cat",
+            "split": "test",
+            "existing_filename": "train/cat/x.png",
+            "existing_label": "cat",
+            "existing_split": "train",
+        }
+    ]
+
+
+def test_labels_are_nfc_normalised(server: Server) -> None:
+    """Item 10: `café` typed as e + combining acute and as é is one class."""
+    dataset = new_dataset(server, "nfc")
+    for seed, label in [(931, "cafe\u0301"), (932, "caf\u00e9")]:
+        response = server.client.post(
+            f"/datasets/{dataset}/images", data={"label": label}, files={"files": ("a.png", noise_png(seed))}
+        )
+        assert response.status_code == 201, response.text
+    classes = server.client.get(f"/datasets/{dataset}").json()["classes"]
+    assert classes == [{"name": "caf\u00e9", "count": 2}]
+
+
+def test_an_idempotency_key_reused_with_another_spec_is_422(server: Server) -> None:
+    """Item 10: a retry returns the first job; the same key with a different spec is not a retry."""
+    headers = {"Idempotency-Key": "battery-key-reuse"}
+    spec = {"dataset_id": 1, "model": "lenet", "epochs": 2}
+    first = server.client.post("/jobs", json=spec, headers=headers)
+    assert first.status_code == 201, first.text
+    again = server.client.post("/jobs", json=spec, headers=headers)
+    assert (again.status_code, again.json()["id"]) == (200, first.json()["id"])
+    before = snapshot(server.database_url)
+    other = server.client.post("/jobs", json={**spec, "epochs": 3}, headers=headers)
+    assert other.status_code == 422, other.text
+    assert f"already used for job {first.json()['id']} with a different spec" in other.json()["detail"]
+    assert snapshot(server.database_url) == before
+    assert (
+        server.client.post(f"/jobs/{first.json()['id']}/cancel").status_code == 200
+    )  # leave the queue as it was
+
+
+def test_class_names_are_drawn_as_text_in_charts(server: Server) -> None:
+    """Item 5: matplotlib parsed `$...$` in class names as mathtext; `$^^$` was a 500."""
+    from sqlalchemy.orm import Session
+
+    from app.db.tables import Evaluation, TrainingJob
+
+    job_id = server.client.post("/jobs", json={"dataset_id": 1, "model": "lenet"}).json()["id"]
+    names = ["$^^$", "a_{b}$", "\\frac{1}{0}", "$x$"]
+    engine = create_engine(server.database_url)
+    try:
+        with Session(engine) as session, session.begin():
+            job = session.get(TrainingJob, job_id)
+            assert job is not None
+            job.classes = names
+            session.add(
+                Evaluation(
+                    job_id=job_id,
+                    split="test",
+                    epoch=1,
+                    num_samples=8,
+                    loss=0.5,
+                    accuracy=0.5,
+                    top5=1.0,
+                    macro_precision=0.5,
+                    macro_recall=0.5,
+                    macro_f1=0.5,
+                    per_class=[
+                        {"name": n, "precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2} for n in names
+                    ],
+                    confusion_matrix=[[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 1]],
+                )
+            )
+    finally:
+        engine.dispose()
+    for path in (f"/jobs/{job_id}/confusion.png", f"/jobs/{job_id}/metrics.png"):
+        response = server.client.get(path)
+        assert response.status_code == 200, (path, response.text)
+        assert response.content.startswith(b"\x89PNG")
+    assert server.client.post(f"/jobs/{job_id}/cancel").status_code == 200
+
+
+def open_stream(client: httpx.Client, job_id: int) -> tuple[Any, httpx.Response]:
+    context = client.stream("GET", f"/jobs/{job_id}/events", timeout=30)
+    response = context.__enter__()
+    return context, response
+
+
+def test_event_streams_are_capped_per_client_and_in_all(server: Server) -> None:
+    """Item 8: 2 streams per client address, 3 in all; past them 429 and 503 with Retry-After, and a
+    closed stream frees its slot."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    base = server.client.base_url
+    second_address = httpx.HTTPTransport(local_address="127.0.0.2")
+    with (
+        httpx.Client(base_url=base, headers=auth, timeout=30) as one,
+        httpx.Client(base_url=base, headers=auth, timeout=30, transport=second_address) as two,
+    ):
+        opened = [open_stream(one, 1), open_stream(one, 1)]
+        assert all(response.status_code == 200 for _, response in opened)
+        third = one.get("/jobs/1/events")
+        assert third.status_code == 429, third.text
+        assert (
+            third.headers["retry-after"] == "5" and "EVENTS_MAX_STREAMS_PER_CLIENT" in third.json()["detail"]
+        )
+        other = open_stream(two, 1)
+        assert other[1].status_code == 200
+        full = two.get("/jobs/1/events")
+        assert full.status_code == 503, full.text
+        assert (
+            full.headers["retry-after"] == "5" and "TRAINSERVE_EVENTS_MAX_STREAMS=3" in full.json()["detail"]
+        )
+        opened.pop()[0].__exit__(None, None, None)  # one stream closes: its slot comes back
+        deadline = time.monotonic() + 15
+        while True:
+            probe = open_stream(two, 1)
+            if probe[1].status_code == 200:
+                opened.append(probe)
+                break
+            probe[0].__exit__(None, None, None)
+            assert probe[1].status_code == 503 and time.monotonic() < deadline, "the slot was not released"
+            time.sleep(0.2)
+        for context, _ in [*opened, other]:
+            context.__exit__(None, None, None)
+
+
+def read_answer(sock: socket.socket, timeout: float) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pass
+    return data
+
+
+def test_slow_clients_are_timed_out(server: Server) -> None:
+    """Item 10: a head that trickles in, and a body that stalls, are answered 408 and closed (3 s
+    limits here) instead of holding the connection for ever."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        answer = read_answer(sock, 20)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"TRAINSERVE_HEADER_READ_TIMEOUT_SECONDS" in answer
+        assert time.monotonic() - started < 15
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        started = time.monotonic()
+        head = (
+            f"POST /datasets HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        )
+        sock.sendall(head.encode() + b'{"name": ')  # and then nothing
+        answer = read_answer(sock, 20)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"TRAINSERVE_BODY_READ_TIMEOUT_SECONDS" in answer
+        assert time.monotonic() - started < 15
+    assert httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=30).status_code == 200
+
+
+def test_same_origin_and_non_browser_requests_still_pass(server: Server) -> None:
+    """Item 6: the dashboard's own POSTs (same origin) and clients that send no Origin are served."""
+    own = f"http://127.0.0.1:{server.port}"
+    for headers in ({"Origin": own}, {"Origin": own, "Sec-Fetch-Site": "same-origin"}, {}):
+        response = server.client.post("/datasets", json={"name": "same-origin"}, headers=headers)
+        assert response.status_code == 201, (headers, response.text)
+    assert server.client.get("/datasets", headers={"Origin": "https://evil.example"}).status_code == 200
+    localhost = httpx.get(f"http://localhost:{server.port}/health", timeout=30)
+    assert localhost.status_code == 200
+
+
+def test_docs_pages_load_nothing_from_elsewhere(server: Server) -> None:
+    """Item 6: /docs references only this server's own, pinned assets; /redoc (whose page loads its
+    logo from a CDN) is off."""
+    import re
+
+    assert httpx.get(f"http://127.0.0.1:{server.port}/redoc", timeout=30).status_code == 404
+    for page in ("/docs",):
+        response = httpx.get(f"http://127.0.0.1:{server.port}{page}", timeout=30)
+        assert response.status_code == 200
+        assert "default-src 'none'" in response.headers["content-security-policy"]
+        references = re.findall(r'(?:src|href)\s*=\s*["\']([^"\']+)', response.text)
+        references += re.findall(r'url:\s*[\'"]([^\'"]+)', response.text)
+        assert references, response.text
+        assert all(ref.startswith("/") and not ref.startswith("//") for ref in references), references
+        assert "cdn.jsdelivr.net" not in response.text and "fonts.googleapis" not in response.text
+        for ref in references:
+            if ref.startswith("/docs/assets/"):
+                assert httpx.get(f"http://127.0.0.1:{server.port}{ref}", timeout=30).status_code == 200

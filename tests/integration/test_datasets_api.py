@@ -34,7 +34,7 @@ def test_upload_several_files_in_all_formats_and_modes(client: TestClient) -> No
     ]
     response = client.post(f"/datasets/{dataset_id}/images", data={"label": "cat"}, files=files)
     assert response.status_code == 201, response.text
-    assert response.json() == {"added": 5, "duplicates": 0, "rejected": []}
+    assert response.json() == {"added": 5, "duplicates": 0, "rejected": [], "conflicts": []}
     body = client.get(f"/datasets/{dataset_id}").json()
     assert body["num_images"] == 5
     assert body["classes"] == [{"name": "cat", "count": 5}]
@@ -48,11 +48,26 @@ def test_duplicate_bytes_are_counted_not_stored_twice(client: TestClient) -> Non
         data={"label": "a"},
         files=[("files", ("x.png", png, "image/png")), ("files", ("same.png", png, "image/png"))],
     ).json()
-    assert first == {"added": 1, "duplicates": 1, "rejected": []}
+    assert first == {"added": 1, "duplicates": 1, "rejected": [], "conflicts": []}
     again = client.post(
         f"/datasets/{dataset_id}/images", data={"label": "b"}, files=[("files", ("y.png", png, "image/png"))]
     ).json()
-    assert again == {"added": 0, "duplicates": 1, "rejected": []}
+    # The same bytes under another label: still stored once, and the disagreement is named.
+    assert again == {
+        "added": 0,
+        "duplicates": 1,
+        "rejected": [],
+        "conflicts": [
+            {
+                "filename": "y.png",
+                "label": "b",
+                "split": None,
+                "existing_filename": "x.png",
+                "existing_label": "a",
+                "existing_split": None,
+            }
+        ],
+    }
     assert client.get(f"/datasets/{dataset_id}").json()["num_images"] == 1
 
 

@@ -138,16 +138,24 @@ def test_api_flow_on_postgres(pg_client: TestClient) -> None:
         files = [("files", (f"{label}-{seed}.png", noise_png(seed), "image/png")) for seed in seeds]
         response = client.post(f"/datasets/{dataset_id}/images", data={"label": label}, files=files)
         assert response.status_code == 201, response.text
-        assert response.json() == {"added": 3, "duplicates": 0, "rejected": []}
+        assert response.json() == {"added": 3, "duplicates": 0, "rejected": [], "conflicts": []}
 
     # The same bytes twice in one request, and again in a later one (even under another label).
     twice = [("files", (name, noise_png(7), "image/png")) for name in ("x.png", "copy-of-x.png")]
     response = client.post(f"/datasets/{dataset_id}/images", data={"label": "cat"}, files=twice)
-    assert response.json() == {"added": 1, "duplicates": 1, "rejected": []}
+    assert response.json() == {"added": 1, "duplicates": 1, "rejected": [], "conflicts": []}
     again = [("files", ("y.png", noise_png(1), "image/png")), ("files", ("z.png", noise_png(7), "image/png"))]
     response = client.post(f"/datasets/{dataset_id}/images", data={"label": "dog"}, files=again)
     assert response.status_code == 201, response.text
-    assert response.json() == {"added": 0, "duplicates": 2, "rejected": []}
+    summary = response.json()
+    assert (summary["added"], summary["duplicates"], summary["rejected"]) == (0, 2, [])
+    # Stored once, under its first label; the disagreement is named (issue 21).
+    assert [
+        (c["filename"], c["label"], c["existing_filename"], c["existing_label"]) for c in summary["conflicts"]
+    ] == [
+        ("y.png", "dog", "cat-1.png", "cat"),
+        ("z.png", "dog", "x.png", "cat"),
+    ]
 
     body = client.get(f"/datasets/{dataset_id}").json()
     assert body["num_images"] == 7

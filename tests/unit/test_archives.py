@@ -395,3 +395,32 @@ def test_nested_archives_are_not_opened_and_are_reported_by_name(name: str) -> N
     assert result.rejected == [
         {"filename": name, "reason": "nested archive: not opened (upload it on its own)"}
     ]
+
+
+def test_a_unicode_path_field_names_an_entry_stored_in_another_encoding() -> None:
+    """Issue 21, item 4: a tool that writes its own code page (cp866 here) and the Info-ZIP Unicode
+    Path field with the true name: the name is taken from the field when its CRC matches the raw name,
+    and a stale field (CRC of another name) is ignored."""
+    import zlib
+
+    raw = "кот/0.png".encode("cp866")
+    stale_raw = "пёс/1.png".encode("cp866")
+
+    def entry(stand_in: str, name: str, crc_of: bytes) -> tuple[zipfile.ZipInfo, bytes]:
+        info = zipfile.ZipInfo(stand_in)
+        utf8 = name.encode()
+        info.extra = struct.pack("<HHBL", 0x7075, 5 + len(utf8), 1, zlib.crc32(crc_of)) + utf8
+        return info, noise_png(len(name))
+
+    data = zip_entries(
+        [entry("AAA/0.png", "кот/0.png", raw), entry("BBB/1.png", "пёс/1.png", b"not this name")],
+        compression=zipfile.ZIP_STORED,
+    )
+    data = data.replace(b"AAA/0.png", raw).replace(b"BBB/1.png", stale_raw)
+    result = UploadResult()
+    uploads = list(read_archive(io.BytesIO(data), limits=limits(), result=result))
+    assert result.rejected == []
+    assert [(u.filename, u.label) for u in uploads] == [
+        ("кот/0.png", "кот"),
+        (stale_raw.decode("cp437"), stale_raw.decode("cp437").split("/")[0]),  # as the zip says: cp437
+    ]

@@ -36,8 +36,9 @@ ALLOWED = {
     "app/services/archives.py": {"open"},
     # torch.load of the torchvision file named by the model registry (weights_only)
     "models/pretrained.py": {"load"},
-    # torch.load(BytesIO(upload), weights_only=True): bytes in memory, never a path
-    "models/weights_file.py": {"load"},
+    # torch.load(BytesIO(upload), weights_only=True), and the upload's own zip members opened by their
+    # ZipInfo to measure them first: bytes in memory, never a path
+    "models/weights_file.py": {"load", "open"},
     # Image.open(BytesIO(...)); image.load() decodes the bytes in memory
     "models/preprocessing.py": {"open", "load"},
     "models/imaging.py": {"open", "load"},

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import IdPath, SessionDep, SettingsDep
+from app.api.event_watch import JobWatcher
+from app.api.stream_slots import event_stream_slot
 from app.core.config import Settings
 from app.db.session import read_scope
 from app.schemas.logs import JobLogLine, JobLogsRead
@@ -40,8 +41,13 @@ def _poll(settings: Settings, stream: events.Stream) -> list[events.Event]:
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "an event stream"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "an event stream"},
+        429: {"description": "this client holds the most streams it may (Retry-After)"},
+        503: {"description": "the server holds the most streams it keeps (Retry-After)"},
+    },
     description=_EVENTS_DOC,
+    dependencies=[Depends(event_stream_slot)],
 )
 async def job_events(
     job_id: IdPath,
@@ -57,23 +63,24 @@ async def job_events(
     # Unknown job (404) or a bad id (422) is an ordinary JSON error, before any byte is streamed.
     first = await anyio.to_thread.run_sync(_poll, settings, stream)
 
+    watcher: JobWatcher = request.app.state.job_watcher
+
     async def body() -> AsyncIterator[str]:
         yield f"retry: {int(max(settings.events_poll_seconds, 1.0) * 2000)}\n\n"
         batch = first
-        last_sent = time.monotonic()
+        seen: str | None = None
         while True:
             for event in batch:
                 yield event.encode()
-            if batch:
-                last_sent = time.monotonic()
             if stream.finished:
                 return
-            if time.monotonic() - last_sent >= settings.events_keepalive_seconds:
-                yield ": keepalive\n\n"
-                last_sent = time.monotonic()
-            await anyio.sleep(settings.events_poll_seconds)
-            if await request.is_disconnected():
-                return
+            if not batch:  # nothing left to read: sleep until the job changes (one check serves all)
+                changed = await watcher.wait_change(job_id, seen, settings.events_keepalive_seconds)
+                if changed is None:
+                    yield ": keepalive\n\n"
+                    continue
+                seen = changed
+            # After a batch, read again at once: a poll sends at most 1,000 log lines.
             batch = await anyio.to_thread.run_sync(_poll, settings, stream)
 
     return StreamingResponse(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from app.api.deps import IdPath, SessionDep, SettingsDep
 from app.schemas.images import ImageRead
@@ -32,15 +32,22 @@ def list_images(
     responses={200: {"content": {"image/png": {}}, "description": "PNG image"}},
 )
 def image_thumbnail(
+    request: Request,
     dataset_id: IdPath,
     image_id: IdPath,
     session: SessionDep,
     settings: SettingsDep,
     size: Annotated[int, Query(ge=8, le=512, description="Longest side in pixels.")] = 96,
 ) -> Response:
-    """A stored image scaled to fit `size` x `size`, as PNG."""
+    """A stored image scaled to fit `size` x `size`, as PNG (503 with Retry-After while the server is
+    making as many thumbnails as it allows at once)."""
     png = thumbnails.thumbnail_png(
-        session, dataset_id=dataset_id, image_id=image_id, size=size, max_pixels=settings.max_image_pixels
+        session,
+        dataset_id=dataset_id,
+        image_id=image_id,
+        size=size,
+        max_pixels=settings.max_image_pixels,
+        slots=request.app.state.thumbnail_slots,
     )
     # Stored images never change, so a thumbnail can be cached for as long as the browser likes.
     return Response(content=png, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})

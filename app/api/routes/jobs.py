@@ -6,10 +6,10 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response, status
 
-from app.api.deps import IdPath, SessionDep
+from app.api.deps import IdPath, SessionDep, SettingsDep
 from app.db.tables import JobStatus
 from app.schemas.jobs import EvaluationRead, JobRead, JobSpec, MetricsRead
-from app.services import charts
+from app.services import capacity, charts
 from app.services import jobs as service
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -19,13 +19,16 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 def create_job(
     spec: JobSpec,
     session: SessionDep,
+    settings: SettingsDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
         Header(max_length=200, description="Retrying with the same key returns the first job (200)."),
     ] = None,
 ) -> JobRead:
-    """Queue a training job; a worker picks it up. Only `dataset_id` and `model` are required."""
+    """Queue a training job; a worker picks it up. Only `dataset_id` and `model` are required.
+    A `devices` x `nodes` that no worker could ever serve is a 422 (it would wait for ever)."""
+    capacity.check_job_fits(session, spec=spec, settings=settings)
     job, created = service.create_job(session, spec=spec, idempotency_key=idempotency_key)
     if not created:
         response.status_code = status.HTTP_200_OK

@@ -1,4 +1,9 @@
-"""Predictions from a job's best checkpoint, batched across concurrent requests."""
+"""Predictions from a job's best checkpoint, batched across concurrent requests.
+
+The forms are parsed by the same bounded multipart parser as uploads (`UploadRoute`): a file stops
+being stored one byte past `max_image_bytes` and the file count is checked as each part begins, so an
+oversize or many-file request costs no more than its limits (Starlette's parser spooled whole files
+and parsed up to 1,000 parts before the route could count them)."""
 
 from __future__ import annotations
 
@@ -7,12 +12,13 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
 from app.api.deps import MAX_ID, SettingsDep
+from app.api.uploads import UploadRoute
 from app.core.config import Settings
-from app.core.errors import DomainError, Invalid, TooLarge
+from app.core.errors import DomainError, TooLarge
 from app.schemas.predict import BatchItemRead, BatchPredictionRead, PredictionRead
 from app.services.predictions import ModelCache, predict_many, predict_one
 
-router = APIRouter(tags=["predict"])
+router = APIRouter(tags=["predict"], route_class=UploadRoute)
 
 JobIdForm = Annotated[int, Form(ge=1, le=MAX_ID, description="The job whose best checkpoint answers.")]
 TopKForm = Annotated[
@@ -55,9 +61,8 @@ async def predict_batch(
     settings: SettingsDep,
     top_k: TopKForm = None,
 ) -> BatchPredictionRead:
-    """One prediction per file, in order; a bad file gets its own error and the others still answer."""
-    if len(files) > settings.predict_max_files:
-        raise Invalid(f"files: at most {settings.predict_max_files} files per request, got {len(files)}")
+    """One prediction per file, in order; a bad file gets its own error and the others still answer.
+    More than `TRAINSERVE_PREDICT_MAX_FILES` files is a 413 while the form is parsed."""
     datas: list[bytes | DomainError] = []
     for file in files:
         try:

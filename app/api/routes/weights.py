@@ -28,7 +28,7 @@ def upload_weights(
     data = file.file.read(settings.max_weights_bytes + 1)
     if len(data) > settings.max_weights_bytes:
         raise TooLarge(f"file is larger than the {settings.max_weights_bytes}-byte weights limit")
-    row = service.create_weights(session, filename=file.filename or "unnamed", data=data)
+    row = service.create_weights(session, filename=file.filename or "unnamed", data=data, settings=settings)
     return WeightsRead.model_validate(row)
 
 
